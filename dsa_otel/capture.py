@@ -1,0 +1,132 @@
+"""Model-thread side of tracing: collect a step's top-k tensors and snapshot them with one device copy.
+
+``record_topk`` only appends references to a list (O(1) Python, no device work). ``end_step`` concatenates the
+step's selections with one ``torch.cat`` on the producer's current stream (so later in-place writes by the model
+cannot race it), records a CUDA event, and hands the snapshot to the materializer. No sync, no ``.tolist()``,
+nothing proportional to K or to the number of tokens runs on this thread.
+
+Contract: tensors passed to ``record_topk`` must not be modified in place before ``end_step`` of that step
+(every engine we hook produces fresh top-k tensors per layer; a caller that reuses one buffer for all layers must
+pass a copy).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BatchGroup:
+    """Records of one step that share a request list (normally all layers of a step share one)."""
+
+    request_ids: Sequence[int | str]
+    seq_lens: torch.Tensor | np.ndarray
+    block_table: torch.Tensor | None
+    steps: torch.Tensor | np.ndarray | None
+
+
+@dataclass
+class KVReport:
+    layer_id: int
+    request_ids: Sequence[int | str]
+    tier: str
+    values: dict[str, np.ndarray]
+
+
+@dataclass
+class StepCapture:
+    """What the materializer receives for one step."""
+
+    t_start_ns: int
+    t_end_ns: int
+    layer_ids: np.ndarray          # per record
+    batch_sizes: np.ndarray        # per record
+    record_group: np.ndarray       # per record: index into groups
+    groups: list[BatchGroup]
+    indices: torch.Tensor          # [R, K] snapshot
+    scores: torch.Tensor | None    # [R, K] snapshot
+    event: Any = None              # torch.cuda.Event recorded after the snapshot, or None on CPU
+    kv_reports: list[KVReport] = field(default_factory=list)
+    phase: str = "decode"
+
+
+class StepCollector:
+    """Accumulates the current step's records on the model thread."""
+
+    __slots__ = ("layer_ids", "indices", "scores", "group_of", "groups", "group_ids", "t_start_ns",
+                 "kv_reports", "phase")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.layer_ids: list[int] = []
+        self.indices: list[torch.Tensor] = []
+        self.scores: list[torch.Tensor | None] = []
+        self.group_of: list[int] = []
+        self.groups: list[BatchGroup] = []
+        self.group_ids: dict[tuple[int, int, int, int], int] = {}
+        self.t_start_ns = 0
+        self.kv_reports: list[KVReport] = []
+        self.phase = "decode"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def add(self, layer_id: int, topk: torch.Tensor, seq_lens: Any, request_ids: Sequence[int | str],
+            step: Any, scores: torch.Tensor | None, block_table: torch.Tensor | None) -> None:
+        if not self.indices:
+            self.t_start_ns = time.time_ns()
+        key = (id(request_ids), id(seq_lens), id(block_table), id(step))
+        g = self.group_ids.get(key)
+        if g is None:
+            g = len(self.groups)
+            self.group_ids[key] = g
+            self.groups.append(BatchGroup(request_ids=request_ids, seq_lens=seq_lens,  # snapshotted in end_step
+                                          block_table=block_table, steps=step))
+        self.layer_ids.append(layer_id)
+        self.indices.append(topk)
+        self.scores.append(scores)
+        self.group_of.append(g)
+
+    def snapshot(self) -> StepCapture:
+        """One device copy of everything recorded in this step (called by end_step on the model thread)."""
+        idx_list = self.indices
+        k = idx_list[0].shape[-1]
+        if any(t.shape[-1] != k for t in idx_list):  # rare: pad to the widest selection with -1
+            k = max(t.shape[-1] for t in idx_list)
+            idx_list = [torch.nn.functional.pad(t, (0, k - t.shape[-1]), value=-1) for t in idx_list]
+        indices = torch.cat([t.reshape(-1, k) for t in idx_list], 0)
+        scores = None
+        if all(s is not None for s in self.scores):
+            scores = torch.cat([s.reshape(-1, s.shape[-1]) for s in self.scores], 0)  # type: ignore[union-attr]
+            if scores.shape[1] != k:
+                scores = None
+        groups = [BatchGroup(request_ids=g.request_ids, seq_lens=_snap(g.seq_lens),
+                             block_table=None if g.block_table is None else g.block_table.clone(),
+                             steps=_snap(g.steps)) for g in self.groups]
+        event = None
+        if indices.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(indices.device))
+        return StepCapture(
+            t_start_ns=self.t_start_ns, t_end_ns=time.time_ns(),
+            layer_ids=np.asarray(self.layer_ids, dtype=np.int64),
+            batch_sizes=np.asarray([t.shape[0] if t.dim() > 1 else 1 for t in self.indices], dtype=np.int64),
+            record_group=np.asarray(self.group_of, dtype=np.int64),
+            groups=groups, indices=indices, scores=scores, event=event, kv_reports=self.kv_reports,
+            phase=self.phase)
+
+
+def _snap(x: Any) -> Any:
+    """Freeze a per-request vector: device tensors are cloned on the producer stream, host data copied."""
+    if x is None or isinstance(x, (int, np.integer)):
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.clone() if x.is_cuda else x.detach().to(torch.int64, copy=True).numpy()
+    return np.array(x, dtype=np.int64)

@@ -1,0 +1,93 @@
+"""summary.json: the seed's run-level distributions, accumulated with bounded memory.
+
+Fed one decoded step payload at a time (by the JSONL exporter, whichever way the spans arrived), so the summary of
+a run written directly and of the same run received over OTLP are identical.
+
+Distributions (each {count, min, p50, p95, max, mean}, see dsa_otel.sketch for the error bound):
+  unique_blocks, touched_block_ratio, tokens_per_touched_block (the record's mean): over records;
+  offset_p50: over records; offsets: over every selected token (3.1% relative error from the payload histogram);
+  prefix_intersection_ratio: over records of requests that hit the prefix cache.
+hot_prefix_blocks: per request, the 20 most touched blocks of its cached prefix ([block, touches] pairs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import semconv as sc
+from .sketch import LogSketch
+from .wire import StepPayload
+
+DISTRIBUTIONS = ("unique_blocks", "touched_block_ratio", "tokens_per_touched_block", "offset_p50", "offsets",
+                 "prefix_intersection_ratio")
+SUMMARY_SCHEMA_VERSION = 1
+
+
+class SummaryAccumulator:
+    def __init__(self) -> None:
+        self.sketches = {name: LogSketch() for name in DISTRIBUTIONS}
+        self.records = 0
+        self.steps = 0
+        self.requests: set[int] = set()
+        self.requests_completed = 0
+        self.requests_with_prefix_hit = 0
+        self.hot_prefix_blocks: dict[str, list[list[int]]] = {}
+        self.kv_totals: dict[str, dict[str, float]] = {}
+
+    def add_step(self, attrs: Mapping[str, Any], p: StepPayload) -> None:
+        n = p.layer_ids.size
+        if n == 0:
+            return
+        self.records += n
+        self.steps += 1
+        self.requests.add(int(attrs[sc.REQUEST_ID]))
+        col = {c: i for i, c in enumerate(p.columns)}
+        ub = p.stats[:, col["unique_blocks"]]
+        self.sketches["unique_blocks"].add(ub)
+        self.sketches["touched_block_ratio"].add(p.stats[:, col["touched_block_ratio"]])
+        self.sketches["tokens_per_touched_block"].add(p.stats[:, col["tokens_per_touched_block.mean"]])
+        self.sketches["offset_p50"].add(p.stats[:, col["offset_p50"]])
+        if p.offset_hist_buckets.size:
+            self.sketches["offsets"].add_bucketed(
+                p.offset_hist_buckets, p.offset_hist_counts, p.offset_hist_mbits,
+                float(p.stats[:, col["offset_min"]].min()), float(p.stats[:, col["offset_max"]].max()))
+        if int(attrs.get(sc.PREFIX_CACHED_BLOCKS, 0)) > 0:
+            inter = p.stats[:, col["prefix_intersection_blocks"]]
+            self.sketches["prefix_intersection_ratio"].add(np.where(ub > 0, inter / np.maximum(ub, 1), 0.0))
+        for c, i in col.items():
+            if c.startswith("kv_fetch."):
+                _, tier, field = c.split(".", 2)
+                t = self.kv_totals.setdefault(tier, {})
+                t[field] = t.get(field, 0.0) + float(p.stats[:, i].sum())
+
+    def add_request_end(self, attrs: Mapping[str, Any]) -> None:
+        self.requests_completed += 1
+        rid = str(int(attrs.get(sc.REQUEST_ID, -1)))
+        blocks = attrs.get(sc.HOT_PREFIX_BLOCKS)
+        touches = attrs.get(sc.HOT_PREFIX_TOUCHES)
+        if blocks:
+            self.hot_prefix_blocks[rid] = [[int(b), int(c)] for b, c in zip(blocks, touches or [])]
+
+    def add_prefill(self, attrs: Mapping[str, Any]) -> None:
+        if attrs.get(sc.PREFIX_HIT):
+            self.requests_with_prefix_hit += 1
+
+    def to_json(self, tracing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        dists = {name: s.to_json() for name, s in self.sketches.items()}
+        return {
+            "schema_version": SUMMARY_SCHEMA_VERSION,
+            "records": self.records,
+            "steps": self.steps,
+            "requests": len(self.requests),
+            "requests_completed": self.requests_completed,
+            "requests_with_prefix_hit": self.requests_with_prefix_hit,
+            **dists,
+            "distributions": dists,
+            "kv_fetch_totals": self.kv_totals,
+            "hot_prefix_blocks": self.hot_prefix_blocks,
+            "sketch_relative_error": {name: s.relative_error if name != "offsets" else 2.0 ** -5
+                                      for name, s in self.sketches.items()},
+            "tracing": dict(tracing or {}),
+        }

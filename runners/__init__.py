@@ -1,0 +1,1 @@
+"""Dataset runners (importable as ``dsa_otel.runners``)."""
