@@ -7,10 +7,19 @@ Public API (kept small and stable):
     KVFetchModel, FetchBatch, HBMOnlyFetchModel   - plug a tiered KV store into C
 """
 
-from .config import ConfigError, TraceConfig
-from .ids import request_id_from_trace_id, trace_id_for_request
-from .kvfetch import FetchBatch, HBMOnlyFetchModel, KVFetchModel
-from .tracer import DSATracer
+import os as _os
+
+# In a source checkout that is imported without being installed (``python -c`` from the repository root puts the
+# checkout's ``dsa_otel/`` first on sys.path), the sibling folders model/, exporters/, runners/ and proto/ are the
+# subpackages that setuptools' package-dir maps in an install; make them resolvable the same way.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "exporters", "__init__.py")) and _root not in __path__:
+    __path__.append(_root)
+
+from .config import ConfigError, TraceConfig  # noqa: E402
+from .ids import request_id_from_trace_id, trace_id_for_request  # noqa: E402
+from .kvfetch import FetchBatch, HBMOnlyFetchModel, KVFetchModel  # noqa: E402
+from .tracer import DSATracer  # noqa: E402
 
 __version__ = "0.1.0"
 

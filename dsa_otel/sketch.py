@@ -16,10 +16,13 @@ import numpy as np
 
 
 class LogSketch:
-    def __init__(self, mbits: int = 7) -> None:
+    def __init__(self, mbits: int = 7, integers: bool = False) -> None:
+        """``integers``: the values are whole numbers, so quantiles are rounded to the nearest integer (exact for
+        values below 2 ** (mbits + 1), where every bucket holds at most one integer)."""
         if not 0 <= mbits <= 10:
             raise ValueError("mbits must be within [0, 10]")
         self.mbits = mbits
+        self.integers = integers
         self._shift = 23 - mbits
         self.counts = np.zeros(1 << (8 + mbits), dtype=np.int64)
         self.count = 0
@@ -95,6 +98,8 @@ class LogSketch:
         lo = float(np.array([b << self._shift], dtype=np.int32).view(np.float32)[0])
         hi = float(np.array([(b + 1) << self._shift], dtype=np.int32).view(np.float32)[0])
         mid = 0.0 if b == 0 else (lo + hi) / 2
+        if self.integers:
+            mid = float(np.ceil(lo)) if hi - lo <= 1.0 else float(round(mid))
         return float(min(max(mid, self.min), self.max))
 
     def to_json(self) -> dict[str, float | int]:

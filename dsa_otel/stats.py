@@ -169,7 +169,7 @@ def step_statistics(
         has_u = ublk != PAD_BLOCK
         col = torch.where(has_u, ublk, torch.zeros_like(ublk)).clamp(max=nb - 1)
         phys = bt.reshape(-1)[rows.unsqueeze(1) * nb + col]
-        physical = torch.where(has_u, phys, torch.full_like(phys, -1))
+        physical = torch.where(has_u & (ublk < nb), phys, torch.full_like(phys, -1))  # -1: not in the table
         prev_phys = torch.zeros_like(physical)
         prev_phys[:, 1:] = physical[:, :-1]
         first_col = ar == 0

@@ -27,7 +27,7 @@ SUMMARY_SCHEMA_VERSION = 1
 
 class SummaryAccumulator:
     def __init__(self) -> None:
-        self.sketches = {name: LogSketch() for name in DISTRIBUTIONS}
+        self.sketches = {name: LogSketch(integers=name in ("unique_blocks", "offsets")) for name in DISTRIBUTIONS}
         self.records = 0
         self.steps = 0
         self.requests: set[int] = set()

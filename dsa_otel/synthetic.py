@@ -35,7 +35,8 @@ def topk_for_step(w: SyntheticWorkload, seq_lens: torch.Tensor, layer: int, step
     # scores: recency bump + sinks + a fixed random "importance" per (layer, position) bucket
     L = int(seq.max())
     pos = torch.arange(L)
-    importance = torch.rand(L, generator=g)
+    # clustered importance: whole 16-token spans matter together, plus token-level noise
+    importance = torch.rand(L // 16 + 1, generator=g).repeat_interleave(16)[:L] ** 4 + 0.2 * torch.rand(L, generator=g)
     score = importance.unsqueeze(0).expand(B, L).clone()
     recent = (seq.unsqueeze(1) - 1 - pos.unsqueeze(0)).clamp(min=0).float()
     score += w.recent_fraction * 4.0 * torch.exp(-recent / max(1.0, K * w.recent_fraction))

@@ -83,6 +83,8 @@ class DSATracer:
             from .exporters import build_exporters  # local import: the exporters package imports dsa_otel
             exporters = build_exporters(cfg, stats_provider=self.tracing_stats)
         for exp in exporters:
+            if getattr(exp, "stats_provider", False) is None:  # exporters that write a summary get our counters
+                exp.stats_provider = self.tracing_stats  # type: ignore[attr-defined]
             p = NonBlockingBatchSpanProcessor(exp, cfg.max_queue_size, cfg.max_export_batch_size,
                                               cfg.schedule_delay_ms)
             self.provider.add_span_processor(p)

@@ -1,0 +1,149 @@
+"""The ``dsa-otel`` command line.
+
+    dsa-otel demo [--out DIR] ...     trace a built-in synthetic DSA workload into JSONL and print a report
+    dsa-otel report RUN_DIR           print the report of a traced run (summary.json + a pass over the shards)
+    dsa-otel recover RUN_DIR          make a killed run readable: trim torn tails, finalise .partial shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from .config import DETAIL_LEVELS, EXPORTERS, ConfigError, TraceConfig
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .synthetic import SyntheticWorkload, topk_for_step
+    from .tracer import DSATracer
+
+    cfg = TraceConfig.from_env(out_dir=args.out, run_name=args.run_name, dataset="synthetic",
+                               kv_block_size=args.kv_block_size, detail=args.detail, exporters=args.exporter,
+                               ring_slots=256)
+    w = SyntheticWorkload(n_requests=args.num_requests, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                          decode_steps=args.steps, n_layers=args.layers, topk=args.topk, seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    with DSATracer(cfg) as tracer:
+        ids = list(range(w.n_requests))
+        for start in range(0, len(ids), w.batch_size):
+            batch = ids[start:start + w.batch_size]
+            prompts = rng.integers(w.prompt_len // 2, w.prompt_len + 1, size=len(batch))
+            # requests after the first of a batch share a system prompt: a prefix-cache hit of 2 blocks
+            n_blocks = int((prompts.max() + w.decode_steps) // cfg.kv_block_size + 1)
+            table = torch.from_numpy(rng.permutation(len(batch) * n_blocks * 2)[: len(batch) * n_blocks]
+                                     .reshape(len(batch), n_blocks))
+            for b, rid in enumerate(batch):
+                tracer.start_request(rid, int(prompts[b]))
+                if b > 0:
+                    tracer.record_prefix(rid, cached_blocks=2, physical_block_ids=table[0, :2].tolist(),
+                                         prefix_key="system-prompt")
+            for s in range(w.decode_steps):
+                seq = torch.from_numpy(prompts + s)
+                for layer in range(w.n_layers):
+                    tracer.record_topk(layer, topk_for_step(w, seq, layer, s), seq, batch, block_table=table)
+                tracer.end_step()
+            for rid in batch:
+                tracer.end_request(rid)
+    elapsed = time.perf_counter() - t0
+    print(f"traced {w.n_requests} requests x {w.decode_steps} steps x {w.n_layers} layers in {elapsed:.2f}s "
+          f"-> {cfg.run_dir}")
+    return _report(cfg.run_dir)
+
+
+def _report(run_dir: str) -> int:
+    from .exporters.reader import ReadReport, read_records, shard_files
+
+    summaries = []
+    for root, _, files in os.walk(run_dir):
+        if "summary.json" in files:
+            with open(os.path.join(root, "summary.json")) as f:
+                summaries.append((root, json.load(f)))
+    if not summaries and not shard_files(run_dir):
+        print(f"no dsa-otel run under {run_dir}", file=sys.stderr)
+        return 2
+    rep = ReadReport()
+    per_layer: dict[int, list[float]] = {}
+    reqs: set[int] = set()
+    for rec in read_records(run_dir, rep):
+        per_layer.setdefault(rec["layer_id"], []).append(rec["touched_block_ratio"])
+        reqs.add(rec["request_id"])
+    print(f"\n== dsa-otel report: {run_dir}")
+    print(f"shards: {len(rep.files)}   records: {rep.records}   requests: {len(reqs)}   "
+          f"torn lines skipped: {rep.torn_lines}")
+    for root, s in summaries:
+        print(f"\n-- {os.path.relpath(root, run_dir) if root != run_dir else '.'}: summary.json")
+        print(f"{'distribution':28s} {'count':>9s} {'min':>9s} {'p50':>9s} {'p95':>9s} {'max':>9s} {'mean':>9s}")
+        for name, d in s.get("distributions", {}).items():
+            print(f"{name:28s} {d['count']:9d} {d['min']:9.3f} {d['p50']:9.3f} {d['p95']:9.3f} "
+                  f"{d['max']:9.3f} {d['mean']:9.3f}")
+        for tier, t in s.get("kv_fetch_totals", {}).items():
+            print(f"kv_fetch[{tier}]: {t.get('bytes_read', 0) / 1e6:.2f} MB in {t.get('read_ops', 0):.0f} reads, "
+                  f"{t.get('latency_us', 0) / 1e3:.2f} ms modelled")
+        tr = s.get("tracing", {})
+        print(f"tracing: steps captured {tr.get('steps_captured', 0)}, dropped {tr.get('steps_dropped', 0)}, "
+              f"spans dropped {tr.get('spans_dropped', 0)}, export errors {tr.get('export_errors', 0)}")
+        print(f"requests with a prefix-cache hit: {s.get('requests_with_prefix_hit', 0)}; "
+              f"hot prefix blocks listed for {len(s.get('hot_prefix_blocks', {}))} requests")
+    if per_layer:
+        print("\nmean touched-block ratio per layer: " + "  ".join(
+            f"L{k}={np.mean(v):.3f}" for k, v in sorted(per_layer.items())))
+    return 0
+
+
+def _recover(run_dir: str) -> int:
+    from .exporters.reader import recover_run
+
+    done = recover_run(run_dir)
+    print(f"finalised {done['finalised']} shard(s), trimmed {done['trimmed_bytes']} torn byte(s) in {run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsa-otel", description="OpenTelemetry tracing for DeepSeek Sparse Attention")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="trace a built-in synthetic DSA workload into JSONL and report on it")
+    d.add_argument("--out", default="outputs")
+    d.add_argument("--run-name", default="demo")
+    d.add_argument("--num-requests", type=int, default=8)
+    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--prompt-len", type=int, default=2048)
+    d.add_argument("--steps", type=int, default=16)
+    d.add_argument("--layers", type=int, default=8)
+    d.add_argument("--topk", type=int, default=256)
+    d.add_argument("--kv-block-size", type=int, default=64)
+    d.add_argument("--detail", choices=DETAIL_LEVELS, default="blocks")
+    d.add_argument("--exporter", choices=EXPORTERS, default="jsonl")
+    d.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("report", help="print the report of a traced run")
+    r.add_argument("run_dir")
+    rc = sub.add_parser("recover", help="make a killed run readable (trim torn tails, finalise shards)")
+    rc.add_argument("run_dir")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "demo":
+            return _demo(args)
+        if args.cmd == "report":
+            return _report(args.run_dir)
+        if args.cmd == "recover":
+            return _recover(args.run_dir)
+    except ConfigError as exc:
+        print(f"dsa-otel: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
