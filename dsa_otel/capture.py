@@ -12,6 +12,7 @@ pass a copy).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -53,6 +54,34 @@ class StepCapture:
     event: Any = None              # torch.cuda.Event recorded after the snapshot, or None on CPU
     kv_reports: list[KVReport] = field(default_factory=list)
     phase: str = "decode"
+    buffer: torch.Tensor | None = None  # the SnapshotRing buffer behind ``indices``, returned after use
+
+
+class SnapshotRing:
+    """Reusable snapshot buffers, one per capture slot in flight (the capture ring).
+
+    ``end_step`` concatenates a step's selections into a buffer from here (on the producer's stream for CUDA),
+    and the materializer gives it back once it has read it. Reuse avoids allocating (and page-faulting, on the
+    host) several MB per step; the number of buffers is bounded by the tracer's ring_slots."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        key = (str(device), dtype)
+        with self._lock:
+            free = self._free.get(key, [])
+            for i, buf in enumerate(free):
+                if buf.numel() >= numel:
+                    return free.pop(i)
+        return torch.empty(max(numel, 1), dtype=dtype, device=device)
+
+    def release(self, buf: torch.Tensor | None) -> None:
+        if buf is None:
+            return
+        with self._lock:
+            self._free.setdefault((str(buf.device), buf.dtype), []).append(buf)
 
 
 class StepCollector:
@@ -94,14 +123,22 @@ class StepCollector:
         self.scores.append(scores)
         self.group_of.append(g)
 
-    def snapshot(self) -> StepCapture:
+    def snapshot(self, ring: SnapshotRing | None = None) -> StepCapture:
         """One device copy of everything recorded in this step (called by end_step on the model thread)."""
         idx_list = self.indices
         k = idx_list[0].shape[-1]
         if any(t.shape[-1] != k for t in idx_list):  # rare: pad to the widest selection with -1
             k = max(t.shape[-1] for t in idx_list)
             idx_list = [torch.nn.functional.pad(t, (0, k - t.shape[-1]), value=-1) for t in idx_list]
-        indices = torch.cat([t.reshape(-1, k) for t in idx_list], 0)
+        parts = [t.reshape(-1, k) for t in idx_list]
+        rows = sum(p.shape[0] for p in parts)
+        dtype = parts[0].dtype
+        buffer = None
+        if ring is not None and all(p.dtype == dtype for p in parts):
+            buffer = ring.acquire(parts[0].device, dtype, rows * k)
+            indices = torch.cat(parts, 0, out=buffer[: rows * k].view(rows, k))
+        else:
+            indices = torch.cat(parts, 0)
         scores = None
         if all(s is not None for s in self.scores):
             scores = torch.cat([s.reshape(-1, s.shape[-1]) for s in self.scores], 0)  # type: ignore[union-attr]
@@ -120,7 +157,7 @@ class StepCollector:
             batch_sizes=np.asarray([t.shape[0] if t.dim() > 1 else 1 for t in self.indices], dtype=np.int64),
             record_group=np.asarray(self.group_of, dtype=np.int64),
             groups=groups, indices=indices, scores=scores, event=event, kv_reports=self.kv_reports,
-            phase=self.phase)
+            phase=self.phase, buffer=buffer)
 
 
 def _snap(x: Any) -> Any:

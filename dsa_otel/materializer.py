@@ -28,12 +28,33 @@ from .capture import StepCapture
 from .config import TraceConfig
 from .ids import RequestTraceIdGenerator, request_low_bits, run_trace_prefix
 from .kvfetch import TIER_FIELDS, FetchBatch, HBMOnlyFetchModel, KVFetchModel
-from .stats import OFFSET_HIST_MBITS, PAD_BLOCK, offset_bucket_bounds, stat_columns, step_statistics
-from .wire import Ragged, encode_step_payload
+from .stats import OFFSET_HIST_MBITS, Workspace, offset_bucket_bounds, selection_statistics
+from .wire import Ragged, StepPayload, encode_step_payload
 
 log = structlog.get_logger("dsa_otel.materializer")
 
 HOT_PREFIX_TOP = 20
+
+
+class PayloadHandoff:
+    """Decoded step payloads by span id, for in-process exporters (the SDK gives processors a copy of each span,
+    so the arrays cannot ride on the span object). Bounded FIFO: spans dropped by a full export queue cannot leak
+    their payloads; the capacity exceeds what the export queues can hold."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def put(self, span_id: int, payload: Any) -> None:
+        with self._lock:
+            self._items[span_id] = payload
+            while len(self._items) > self.capacity:
+                del self._items[next(iter(self._items))]
+
+    def take(self, span_id: int) -> Any:
+        with self._lock:
+            return self._items.pop(span_id, None)
 
 
 @dataclass
@@ -70,7 +91,8 @@ class Counters:
 class Materializer:
     def __init__(self, config: TraceConfig, tracer: otel_trace.Tracer, id_gen: RequestTraceIdGenerator,
                  kv_fetch_model: KVFetchModel | None, counters: Counters,
-                 is_sampled: Callable[[int | str], bool], release_slot: Callable[[], None]) -> None:
+                 is_sampled: Callable[[int | str], bool], release_slot: Callable[[], None],
+                 release_buffer: Callable[[Any], None] = lambda buf: None) -> None:
         self.config = config
         self.tracer = tracer
         self.id_gen = id_gen
@@ -78,14 +100,16 @@ class Materializer:
             config.kv_bytes_per_token, config.hbm_bandwidth_gbps, config.hbm_op_latency_us)
         self.counters = counters
         self.is_sampled = is_sampled
+        self.embed_payload = True  # the tracer clears it when every exporter takes the in-process payload
+        self.handoff = PayloadHandoff(capacity=4 * (config.max_queue_size + config.max_export_batch_size))
         self.release_slot = release_slot
+        self.release_buffer = release_buffer
         self.requests: dict[int | str, RequestState] = {}
         self.unsampled: set[int | str] = set()
         self.next_int_id = 0
         self.string_ids: dict[str, int] = {}
-        self._bucket_ids, bounds = offset_bucket_bounds(OFFSET_HIST_MBITS)
-        self._bounds_cpu = torch.from_numpy(bounds)
-        self._bounds_dev: dict[torch.device, torch.Tensor] = {}
+        self._bucket_ids = offset_bucket_bounds(OFFSET_HIST_MBITS)[0]
+        self._workspace = Workspace()
         self._streams: dict[torch.device, Any] = {}
         self.trace_prefix = run_trace_prefix(config.run_name)
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -120,6 +144,8 @@ class Materializer:
                 log.exception("materializer failed on a message", kind=kind, error=repr(exc))
             finally:
                 if kind == "step":
+                    self.release_buffer(msg[1].buffer)
+                    msg[1].indices = msg[1].buffer = None
                     self.release_slot()
 
     # ------------------------------------------------------------------ requests
@@ -227,7 +253,7 @@ class Materializer:
     def _on_step(self, cap: StepCapture) -> None:
         cfg = self.config
         groups = cap.groups
-        # requests of the step, in first-seen order; rows map to them
+        # requests of the step, in first-seen order; every selection row maps to one
         req_index: dict[int | str, int] = {}
         req_list: list[RequestState | None] = []
         group_req: list[np.ndarray] = []
@@ -245,105 +271,49 @@ class Materializer:
             group_req.append(idx)
         if not any(st is not None for st in req_list):
             return
+        self._groups_to_host(cap)
         n_rec = cap.layer_ids.size
-        row_record = np.repeat(np.arange(n_rec), cap.batch_sizes)
-        row_bpos = np.concatenate([np.arange(n) for n in cap.batch_sizes]) if n_rec else np.zeros(0, np.int64)
-        row_group = cap.record_group[row_record]
-        row_req = np.concatenate([group_req[cap.record_group[i]][: cap.batch_sizes[i]] for i in range(n_rec)])
-        row_layer = cap.layer_ids[row_record]
+        sizes = cap.batch_sizes
+        rec_group = cap.record_group
+        row_record = np.repeat(np.arange(n_rec), sizes)
+        row_bpos = np.arange(row_record.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        row_group = rec_group[row_record]
+        row_req = np.concatenate([group_req[rec_group[i]][: sizes[i]] for i in range(n_rec)])
         R = row_req.size
         if R != cap.indices.shape[0]:
             raise ValueError(f"step has {cap.indices.shape[0]} selection rows but request lists cover {R}")
+        # group rows by request (stable: layers stay in recording order) so each request is one contiguous slab
+        perm = np.argsort(row_req, kind="stable")
+        row_req, row_record, row_bpos, row_group = row_req[perm], row_record[perm], row_bpos[perm], row_group[perm]
+        row_layer = cap.layer_ids[row_record]
+        bounds = np.searchsorted(row_req, np.arange(len(req_list) + 1))
 
-        # per-row host inputs
-        seq_rows = np.concatenate([np.asarray(groups[cap.record_group[i]].seq_lens, dtype=np.int64).reshape(-1)
-                                   [: cap.batch_sizes[i]] if not isinstance(groups[cap.record_group[i]].seq_lens,
-                                                                            torch.Tensor) else
-                                   np.zeros(cap.batch_sizes[i], np.int64) for i in range(n_rec)])
-        seq_is_device = any(isinstance(g.seq_lens, torch.Tensor) for g in groups)
+        seq_rows = self._per_row(groups, [g.seq_lens for g in groups], row_group, row_bpos)
         prefix_req = np.array([st.prefix_blocks if st is not None else 0 for st in req_list], dtype=np.int64)
-        prefix_rows = prefix_req[row_req]
         tables = [g.block_table for g in groups]
-        has_table = all(t is not None for t in tables)
-        need_blocks = cfg.wants_blocks or self.kv_model.needs_blocks or bool(prefix_req.any())
+        table_np, table_rows = None, None
+        if all(t is not None for t in tables):
+            width = max(t.shape[1] for t in tables)  # type: ignore[union-attr]
+            table_np = np.concatenate([np.pad(_host(t), ((0, 0), (0, width - t.shape[1])), constant_values=-1)
+                                       for t in tables])  # type: ignore[union-attr]
+            base = np.cumsum([0] + [t.shape[0] for t in tables])[:-1]  # type: ignore[union-attr]
+            table_rows = base[row_group] + row_bpos
 
-        dev = cap.indices.device
-        stream = self._stream(dev) if cap.indices.is_cuda else None
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
-        with ctx:
-            if stream is not None and cap.event is not None:
-                stream.wait_event(cap.event)
-            if seq_is_device:
-                seq_t = torch.cat([_as_tensor(groups[cap.record_group[i]].seq_lens, dev)[: cap.batch_sizes[i]]
-                                   for i in range(n_rec)])
-            else:
-                seq_t = torch.from_numpy(seq_rows).to(dev, non_blocking=True)
-            table_t, table_rows_t = None, None
-            if has_table:
-                width = max(t.shape[1] for t in tables)  # type: ignore[union-attr]
-                padded = [torch.nn.functional.pad(t.to(dev), (0, width - t.shape[1]), value=-1)  # type: ignore
-                          for t in tables]
-                table_t = torch.cat(padded, 0)
-                base = np.cumsum([0] + [t.shape[0] for t in tables])[:-1]  # type: ignore[union-attr]
-                table_rows_t = torch.from_numpy(base[row_group] + row_bpos).to(dev, non_blocking=True)
-            pos = cap.indices
-            scores = cap.scores
-            if scores is not None:
-                pos, order = torch.sort(pos.long(), 1)
-                scores = scores.gather(1, order)
-            else:
-                pos = torch.sort(pos.long(), 1).values
-            bounds = self._bounds_dev.get(dev)
-            if bounds is None:
-                bounds = self._bounds_dev[dev] = self._bounds_cpu.to(dev)
-            out = step_statistics(pos, seq_t, cfg.kv_block_size,
-                                  prefix_blocks=torch.from_numpy(prefix_rows).to(dev, non_blocking=True),
-                                  block_table=table_t, block_table_rows=table_rows_t,
-                                  scores_sorted=scores, offset_bounds=bounds)
-            row_req_t = torch.from_numpy(row_req).to(dev, non_blocking=True)
-            hist_req = torch.zeros((len(req_list), out.offset_hist.shape[1]), dtype=torch.int64, device=dev)
-            hist_req.index_add_(0, row_req_t, out.offset_hist.long())
-            to_host = [out.stats, hist_req]
-            if need_blocks:
-                to_host.append(out.unique_blocks.to(torch.int32) if cfg.kv_block_size > 0 else out.unique_blocks)
-                if out.physical_blocks is not None:
-                    to_host.append(out.physical_blocks)
-            if cfg.wants_positions:
-                to_host.append(pos.to(torch.int32))
-                if scores is not None and cfg.store_scores:
-                    to_host.append(scores.to(torch.float16))
-            host = [t.to("cpu", non_blocking=True) for t in to_host] if stream is not None else to_host
-            if stream is not None:
-                stream.synchronize()
-        host_np = [t.numpy() for t in host]
-        stats_np, hist_np = host_np[0], host_np[1]
-        k = 2
-        ublk_np = phys_np = pos_np = scores_np = None
-        if need_blocks:
-            ublk_np = host_np[k]
-            k += 1
-            if out.physical_blocks is not None:
-                phys_np = host_np[k]
-                k += 1
-        if cfg.wants_positions:
-            pos_np = host_np[k]
-            k += 1
-            if scores is not None and cfg.store_scores:
-                scores_np = host_np[k]
-
-        columns = stat_columns(out.physical_blocks is not None, cap.scores is not None)
+        pos_np, scores_np = self._sorted_rows(cap, perm)
+        st_all = selection_statistics(pos_np, seq_rows, cfg.kv_block_size, prefix_blocks=prefix_req[row_req],
+                                      block_table=table_np, block_table_rows=table_rows, scores_sorted=scores_np,
+                                      row_group=row_req, n_groups=len(req_list), workspace=self._workspace)
+        columns = st_all.columns
         col = {c: i for i, c in enumerate(columns)}
-        unique_blocks = stats_np[:, col["unique_blocks"]].astype(np.int64)
-        blocks_ragged = None
-        if ublk_np is not None:
-            mask = ublk_np != PAD_BLOCK
-            src = phys_np if (phys_np is not None) else ublk_np
-            blocks_ragged = Ragged(values=src[mask].astype(np.int64), lengths=unique_blocks)
+        stats_np = st_all.matrix
+        unique_blocks = st_all.block_lengths
+        phys = st_all.physical_ids
         fetch = FetchBatch(
-            request_ids=[rid for rid in req_index], row_request=row_req, layer_ids=row_layer,
+            request_ids=list(req_index), row_request=row_req, layer_ids=row_layer,
             tokens=stats_np[:, col["unique_token_pos_count"]].astype(np.int64), unique_blocks=unique_blocks,
-            block_runs=stats_np[:, col["physical_block_runs" if "physical_block_runs" in col else "block_runs"]]
-            .astype(np.int64), blocks=blocks_ragged, physical=phys_np is not None, block_size=cfg.kv_block_size)
+            block_runs=stats_np[:, col["physical_block_runs" if phys is not None else "block_runs"]].astype(np.int64),
+            blocks=Ragged(values=phys if phys is not None else st_all.block_ids, lengths=unique_blocks),
+            physical=phys is not None, block_size=cfg.kv_block_size)
         tiers = self.kv_model.account(fetch)
         tiers = self._apply_kv_reports(tiers, cap, row_layer, row_req, req_index, R)
         tier_cols: list[str] = []
@@ -355,80 +325,126 @@ class Materializer:
         all_columns = columns + tuple(tier_cols)
         matrix = np.concatenate([stats_np, np.stack(tier_data, 1)], 1) if tier_data else stats_np
 
-        # hot prefix blocks per request (touched logical blocks inside the cached prefix)
-        if ublk_np is not None and prefix_req.any():
-            for j, st in enumerate(req_list):
-                if st is None or st.hot_prefix is None:
-                    continue
-                rows = np.flatnonzero(row_req == j)
-                sub = ublk_np[rows]
-                hit = sub[(sub != PAD_BLOCK) & (sub < st.prefix_blocks)]
-                st.hot_prefix += np.bincount(hit, minlength=st.prefix_blocks)[: st.prefix_blocks]
-
         step_rows = None
-        if groups[0].steps is not None:
-            step_rows = np.concatenate([np.broadcast_to(np.asarray(groups[cap.record_group[i]].steps,
-                                                                   dtype=np.int64), (cap.batch_sizes[i],))
-                                        if not isinstance(groups[cap.record_group[i]].steps, torch.Tensor)
-                                        else groups[cap.record_group[i]].steps.cpu().numpy()[: cap.batch_sizes[i]]
-                                        for i in range(n_rec)])
-        seq_col = stats_np[:, col["seq_len_current"]].astype(np.int64)
-
-        perm = np.argsort(row_req, kind="stable")
-        bounds_r = np.searchsorted(row_req[perm], np.arange(len(req_list) + 1))
-        valid_pos_mask = None
-        if pos_np is not None:
-            valid_pos_mask = (pos_np >= 0) & (pos_np < seq_col[:, None])
+        if any(g.steps is not None for g in groups):
+            step_rows = self._per_row(groups, [g.steps for g in groups], row_group, row_bpos)
+        seq_col = seq_rows
+        blk_off = np.concatenate(([0], np.cumsum(unique_blocks)))
+        pos_off = np.concatenate(([0], np.cumsum(st_all.valid_lengths)))
+        flat_pos = pos_np[st_all.valid_mask] if cfg.wants_positions else None
+        flat_scores = scores_np[st_all.valid_mask].astype(np.float16) \
+            if (cfg.wants_positions and cfg.store_scores and scores_np is not None) else None
+        hist = st_all.offset_hist
         for j, st in enumerate(req_list):
             if st is None:
                 continue
-            rows = perm[bounds_r[j]:bounds_r[j + 1]]
-            if rows.size == 0:
+            a, b = int(bounds[j]), int(bounds[j + 1])
+            if a == b:
                 continue
             self._close_prefill(st, cap.t_start_ns)
             st.steps += 1
-            payload_kwargs: dict[str, Any] = {}
-            if pos_np is not None and valid_pos_mask is not None:
-                m = valid_pos_mask[rows]
-                payload_kwargs["positions"] = (pos_np[rows][m], m.sum(1))
-                if scores_np is not None:
-                    payload_kwargs["scores_f16"] = scores_np[rows][m]
-            if cfg.wants_blocks and ublk_np is not None:
-                sub = ublk_np[rows]
-                m = sub != PAD_BLOCK
-                lengths = m.sum(1)
-                payload_kwargs["block_ids"] = (sub[m], lengths)
-                if phys_np is not None:
-                    payload_kwargs["physical_block_ids"] = (phys_np[rows][m], lengths)
-            h = hist_np[j]
-            nz = np.flatnonzero(h)
-            payload_kwargs["offset_hist"] = (OFFSET_HIST_MBITS, self._bucket_ids[nz], h[nz])
-            slab = matrix[rows]
-            payload = encode_step_payload(row_layer[rows], all_columns, slab, **payload_kwargs)
-            seq_len = int(seq_col[rows[0]])
-            step_idx = int(step_rows[rows[0]]) if step_rows is not None else seq_len - 1
-            a: dict[str, Any] = {
+            if st.hot_prefix is not None:  # touched blocks inside the cached prefix
+                blocks = st_all.block_ids[blk_off[a]:blk_off[b]]
+                hit = blocks[blocks < st.prefix_blocks]
+                st.hot_prefix += np.bincount(hit, minlength=st.prefix_blocks)[: st.prefix_blocks]
+            kw: dict[str, Any] = {}
+            if flat_pos is not None:
+                kw["positions"] = (flat_pos[pos_off[a]:pos_off[b]], st_all.valid_lengths[a:b])
+                if flat_scores is not None:
+                    kw["scores_f16"] = flat_scores[pos_off[a]:pos_off[b]]
+            if cfg.wants_blocks:
+                kw["block_ids"] = (st_all.block_ids[blk_off[a]:blk_off[b]], unique_blocks[a:b])
+                if phys is not None:
+                    kw["physical_block_ids"] = (phys[blk_off[a]:blk_off[b]], unique_blocks[a:b])
+            if hist is not None:
+                nz = np.flatnonzero(hist[j])
+                kw["offset_hist"] = (OFFSET_HIST_MBITS, self._bucket_ids[nz], hist[j][nz])
+            slab = matrix[a:b]
+            payload = StepPayload(
+                layer_ids=row_layer[a:b], columns=all_columns, stats=slab,
+                positions=Ragged(*kw["positions"]) if "positions" in kw else None,
+                block_ids=Ragged(*kw["block_ids"]) if "block_ids" in kw else None,
+                physical_block_ids=Ragged(*kw["physical_block_ids"]) if "physical_block_ids" in kw else None,
+                scores=kw.get("scores_f16"), offset_hist_mbits=OFFSET_HIST_MBITS,
+                offset_hist_buckets=kw["offset_hist"][1], offset_hist_counts=kw["offset_hist"][2])
+            seq_len = int(seq_col[a])
+            step_idx = int(step_rows[a]) if step_rows is not None else seq_len - 1
+            ub = slab[:, col["unique_blocks"]]
+            attrs: dict[str, Any] = {
                 sc.REQUEST_ID: st.request_id, sc.STEP_IDX: step_idx, sc.SEQ_LEN: seq_len,
-                sc.N_LAYERS: int(rows.size), sc.RANK: cfg.rank, sc.DETAIL: cfg.detail,
-                sc.BATCH_SIZE: len(req_list),
-                sc.PAYLOAD: base64.b64encode(payload).decode("ascii"),
-                sc.MEAN_UNIQUE_BLOCKS: float(slab[:, col["unique_blocks"]].mean()),
-                sc.MAX_UNIQUE_BLOCKS: int(slab[:, col["unique_blocks"]].max()),
+                sc.N_LAYERS: b - a, sc.RANK: cfg.rank, sc.DETAIL: cfg.detail, sc.BATCH_SIZE: len(req_list),
+                sc.MEAN_UNIQUE_BLOCKS: float(ub.mean()), sc.MAX_UNIQUE_BLOCKS: int(ub.max()),
                 sc.MEAN_TOUCHED_RATIO: float(slab[:, col["touched_block_ratio"]].mean()),
                 sc.MEAN_OFFSET_P50: float(slab[:, col["offset_p50"]].mean()),
                 sc.PHASE: cap.phase,
                 **self._prefix_attrs(st),
             }
             for tier in tiers:
-                a[f"{sc.KV_BYTES_PREFIX}{tier}.bytes_read"] = float(
+                attrs[f"{sc.KV_BYTES_PREFIX}{tier}.bytes_read"] = float(
                     slab[:, all_columns.index(f"kv_fetch.{tier}.bytes_read")].sum())
             if st.key is not None:
-                a[sc.REQUEST_KEY] = st.key
+                attrs[sc.REQUEST_KEY] = st.key
+            if self.embed_payload:  # only serialised when an exporter other than the in-process JSONL reads it
+                attrs[sc.PAYLOAD] = base64.b64encode(encode_step_payload(row_layer[a:b], all_columns, slab, **kw)) \
+                    .decode("ascii")
             span = self.tracer.start_span(sc.SPAN_DECODE_STEP if cap.phase == "decode" else "dsa.prefill_chunk",
-                                          context=st.context, attributes=a, start_time=cap.t_start_ns)
+                                          context=st.context, attributes=attrs, start_time=cap.t_start_ns)
+            self.handoff.put(span.get_span_context().span_id, payload)  # in-process: exporters skip re-parsing
             span.end(end_time=cap.t_end_ns)
-            self.counters.rows_traced += int(rows.size)
+            self.counters.rows_traced += b - a
         self.counters.steps_captured += 1
+
+    def _groups_to_host(self, cap: StepCapture) -> None:
+        """Copy device-resident per-request vectors (seq_lens, block tables, steps) to the host on the side
+        stream, after the snapshot's event, so this thread never waits on the model's stream."""
+        dev_tensors = [(g, name) for g in cap.groups for name in ("seq_lens", "block_table", "steps")
+                       if isinstance(getattr(g, name), torch.Tensor) and getattr(g, name).is_cuda]
+        if not dev_tensors:
+            return
+        stream = self._stream(cap.indices.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(cap.event)
+            host = [getattr(g, name).to("cpu", non_blocking=True) for g, name in dev_tensors]
+            stream.synchronize()
+        for (g, name), h in zip(dev_tensors, host):
+            setattr(g, name, h.numpy())
+
+    @staticmethod
+    def _per_row(groups: list, values: list, row_group: np.ndarray, row_bpos: np.ndarray) -> np.ndarray:
+        """Broadcast per-group vectors (one value per batch position, or a scalar) to the step's rows."""
+        flat = [np.broadcast_to(_host(v).reshape(-1) if v is not None else np.zeros(1, np.int64),
+                                (len(g.request_ids),)) for g, v in zip(groups, values)]
+        base = np.cumsum([0] + [f.size for f in flat])[:-1]
+        return np.concatenate(flat).astype(np.int64)[base[row_group] + row_bpos]
+
+    def _sorted_rows(self, cap: StepCapture, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows grouped by request and sorted, as host int32 (and scores float32).
+
+        CUDA: sort and regroup on a side stream after the snapshot's event, copy to pinned memory, and wait here
+        (only this thread waits). CPU: numpy's SIMD sort, which releases the GIL."""
+        idx, scores = cap.indices, cap.scores
+        if idx.is_cuda:
+            stream = self._stream(idx.device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(cap.event)
+                order = torch.from_numpy(perm).to(idx.device, non_blocking=True)
+                rows = idx.index_select(0, order)
+                if scores is not None:
+                    rows, o = torch.sort(rows, 1)
+                    sc_host = scores.index_select(0, order).gather(1, o).float().to("cpu", non_blocking=True)
+                else:
+                    rows = torch.sort(rows, 1).values
+                    sc_host = None
+                pos_host = rows.to(torch.int32).to("cpu", non_blocking=True)
+                stream.synchronize()
+            return pos_host.numpy(), (sc_host.numpy() if sc_host is not None else None)
+        pos = idx.numpy().astype(np.int32, copy=False)[perm]  # positions < 2**31; the copy regroups the rows
+        if scores is None:
+            pos.sort(axis=1)
+            return pos, None
+        order = np.argsort(pos, axis=1)
+        return (np.take_along_axis(pos, order, 1),
+                np.take_along_axis(scores.float().numpy()[perm], order, 1))
 
     def _apply_kv_reports(self, tiers: dict[str, dict[str, np.ndarray]], cap: StepCapture, row_layer: np.ndarray,
                           row_req: np.ndarray, req_index: dict, R: int) -> dict[str, dict[str, np.ndarray]]:
@@ -458,18 +474,11 @@ class Materializer:
         return merged
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
-
-def _as_tensor(x: Any, dev: torch.device) -> torch.Tensor:
+def _host(x: Any) -> np.ndarray:
+    """A host numpy view of a snapshot value (device tensors are copied; tiny per-step vectors only)."""
     if isinstance(x, torch.Tensor):
-        return x.to(dev).long().reshape(-1)
-    return torch.as_tensor(np.asarray(x, dtype=np.int64)).to(dev).reshape(-1)
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def remote_parent_link(traceparent: str) -> SpanContext | None:

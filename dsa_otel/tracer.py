@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from . import semconv as sc
-from .capture import KVReport, StepCollector
+from .capture import KVReport, SnapshotRing, StepCollector
 from .config import TraceConfig
 from .ids import RequestTraceIdGenerator, trace_id_for_request
 from .kvfetch import TIER_FIELDS, KVFetchModel
@@ -73,6 +73,7 @@ class DSATracer:
             return
         cfg = self.config
         self._slots = threading.BoundedSemaphore(cfg.ring_slots)
+        self._ring = SnapshotRing()
         self.id_generator = RequestTraceIdGenerator()
         res = {"service.name": "dsa-otel", sc.RES_RUN_NAME: cfg.run_name, sc.RES_RANK: cfg.rank,
                sc.RES_WORLD_SIZE: cfg.world_size, sc.RES_KV_BLOCK_SIZE: cfg.kv_block_size,
@@ -91,7 +92,13 @@ class DSATracer:
             self.processors.append(p)
         self._otel_tracer = self.provider.get_tracer("dsa_otel")
         self.materializer = Materializer(cfg, self._otel_tracer, self.id_generator, kv_fetch_model, self.counters,
-                                         self.is_sampled, self._slots.release)
+                                         self.is_sampled, self._slots.release, self._ring.release)
+        # A lone in-process JSONL exporter takes each step's arrays directly; with any other exporter (OTLP,
+        # in-memory, several sinks) the payload is serialised into the span attribute that they all read.
+        sole = exporters[0] if len(exporters) == 1 else None
+        self.materializer.embed_payload = not getattr(sole, "accepts_inprocess_payload", False)
+        if not self.materializer.embed_payload:
+            sole.payload_source = self.materializer.handoff.take  # type: ignore[union-attr]
         self._register_metrics(meter_provider)
 
     # ------------------------------------------------------------------ ids and sampling
@@ -205,7 +212,7 @@ class DSATracer:
             return False
         try:
             col.phase = phase
-            cap = col.snapshot()
+            cap = col.snapshot(self._ring)
         except Exception:
             self._slots.release()
             col.reset()

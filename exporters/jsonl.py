@@ -94,6 +94,7 @@ class ShardedJsonlExporter(SpanExporter):
         self.run_dir = run_dir or config.run_dir
         self.width = config.max_requests_per_file
         self.stats_provider = stats_provider
+        self.payload_source: Callable[[int], Any] | None = None  # set by DSATracer: decoded payload by span id
         if config.compression == "zstd":
             import zstandard  # noqa: F401  (fail early with a clear ImportError)
         os.makedirs(self.run_dir, exist_ok=True)
@@ -146,22 +147,28 @@ class ShardedJsonlExporter(SpanExporter):
         atomic_write_json(os.path.join(self.run_dir, "summary.json"), self.summary.to_json(tracing))
 
     # ------------------------------------------------------------------ export
+    #: the tracer may hand step payloads over as objects on the span instead of serialising them
+    accepts_inprocess_payload = True
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        items = [(s.name, s.attributes or {}, s.context.trace_id if s.context else 0) for s in spans]
+        take = self.payload_source
+        items = [(s.name, s.attributes or {}, s.context.trace_id if s.context else 0,
+                  take(s.context.span_id) if (take is not None and s.context is not None) else None) for s in spans]
         return self.write_spans(items)
 
-    def write_spans(self, items: Sequence[tuple[str, Mapping[str, Any], int]]) -> SpanExportResult:
-        """Write (span name, attributes, trace id) triples; the OTLP receiver calls this too."""
+    def write_spans(self, items: Sequence[tuple]) -> SpanExportResult:
+        """Write (span name, attributes, trace id[, decoded payload]) tuples; the OTLP receiver calls this too."""
         with self._lock:
             if self._shutdown:
                 return SpanExportResult.FAILURE
             per_shard: dict[int, list[bytes]] = {}
             per_shard_lines: dict[int, int] = {}
             finished: list[int] = []
-            for name, attrs, trace_id in items:
+            for item in items:
+                name, attrs, trace_id = item[0], item[1], item[2]
                 if name in (sc.SPAN_DECODE_STEP, "dsa.prefill_chunk"):
                     try:
-                        p = payload_of(attrs)
+                        p = item[3] if len(item) > 3 and item[3] is not None else payload_of(attrs)
                         recs = step_records(attrs, trace_id, p)
                     except (ValueError, KeyError) as exc:
                         self.decode_errors += 1

@@ -43,7 +43,7 @@ def row_reference(pos_row, seq_len: int, block_size: int, prefix_blocks: int = 0
     inter = int((ub < prefix_blocks).sum())
     out["prefix"] = {"intersection_blocks": inter, "intersection_ratio": inter / ub.size if ub.size else 0.0}
     if table_row is not None:
-        phys = [int(table_row[b]) for b in ub]
+        phys = [int(table_row[b]) if b < len(table_row) else -1 for b in ub]  # -1: beyond the table
         out["physical_block_ids"] = phys
         pr = 0
         for i, p in enumerate(phys):

@@ -23,7 +23,9 @@ WRITER = textwrap.dedent("""
                       schedule_delay_ms=1, max_export_batch_size=1, ring_slots=64, compression=sys.argv[2])
     tr = DSATracer(cfg)
     rid = 0
-    while True:   # runs until killed
+    import time
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:   # runs until killed (bounded, should the test die first)
         batch = [rid, rid + 1]
         for r in batch:
             tr.start_request(r, 4000)
@@ -42,10 +44,12 @@ WRITER = textwrap.dedent("""
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_sigkill_leaves_whole_lines_and_a_readable_run(tmp_path, compression):
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), compression], stdout=subprocess.PIPE)
-    assert proc.stdout.readline().strip() == b"ready"
-    time.sleep(0.7)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(0.7)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     run = tmp_path / "killed"
     rep = ReadReport()
     recs = list(read_records(str(run), rep))

@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from dsa_otel.sketch import LogSketch
-from dsa_otel.stats import PAD_BLOCK, offset_bucket_bounds, stat_columns, step_statistics
+from dsa_otel.stats import offset_bucket_bounds, selection_statistics, stat_columns
 from reference import row_reference
 
 
@@ -25,43 +24,61 @@ def selections(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(selections())
-def test_tensor_statistics_match_the_reference(sel):
+def test_statistics_match_the_reference(sel):
     raw, seqs, prefixes, bs = sel
     R, K = raw.shape
-    table = np.stack([np.random.default_rng(r).permutation(2000)[:700] for r in range(R)])
+    table = np.stack([np.random.default_rng(r).permutation(2000)[:300] for r in range(R)])
     scores = np.random.default_rng(1).standard_normal(raw.shape)
     order = np.argsort(raw, 1, kind="stable")
-    pos = np.take_along_axis(raw, order, 1)
+    pos = np.take_along_axis(raw, order, 1).astype(np.int32)
     sc = np.take_along_axis(scores, order, 1)
     ids, lows = offset_bucket_bounds()
-    out = step_statistics(torch.from_numpy(pos), torch.from_numpy(seqs), bs, prefix_blocks=torch.from_numpy(prefixes),
-                          block_table=torch.from_numpy(table), scores_sorted=torch.from_numpy(sc))
+    out = selection_statistics(pos, seqs, bs, prefix_blocks=prefixes, block_table=table, scores_sorted=sc,
+                               row_group=np.arange(R), n_groups=R)
     cols = stat_columns(True, True)
-    s = out.stats.numpy()
+    assert out.columns == cols
+    boff = np.concatenate(([0], np.cumsum(out.block_lengths)))
     for r in range(R):
         ref = row_reference(raw[r], int(seqs[r]), bs, int(prefixes[r]), table[r], scores[r])
-        got = dict(zip(cols, s[r]))
+        got = dict(zip(cols, out.matrix[r]))
         for k in ("seq_len_current", "unique_token_pos_count", "offset_min", "offset_max", "unique_blocks",
-                  "total_blocks_in_use", "block_runs", "physical_block_runs"):
+                  "total_blocks_in_use", "block_runs"):
             assert got[k] == ref[k], k
         assert got["offset_p50"] == pytest.approx(ref["offset_p50"])
         assert got["touched_block_ratio"] == pytest.approx(ref["touched_block_ratio"])
         for q in ("mean", "p50", "p95"):
             assert got[f"tokens_per_touched_block.{q}"] == pytest.approx(ref["tokens_per_touched_block"][q])
         assert got["prefix_intersection_blocks"] == ref["prefix"]["intersection_blocks"]
-        ub = out.unique_blocks[r].numpy()
-        assert ub[ub != PAD_BLOCK].tolist() == ref["selected_block_ids"]
-        ph = out.physical_blocks[r].numpy()
-        assert ph[ph >= 0].tolist() == ref["physical_block_ids"]
-        if ref["unique_token_pos_count"] and len(set(raw[r][(raw[r] >= 0) & (raw[r] < seqs[r])])) == \
-                len(raw[r][(raw[r] >= 0) & (raw[r] < seqs[r])]):
+        assert out.block_ids[boff[r]:boff[r + 1]].tolist() == ref["selected_block_ids"]
+        assert out.physical_ids[boff[r]:boff[r + 1]].tolist() == ref["physical_block_ids"]
+        assert got["physical_block_runs"] == ref["physical_block_runs"]
+        if ref["unique_token_pos_count"]:
             assert got["scores.max"] == pytest.approx(ref["scores_stats"]["max"])
-        # offset histogram: every offset in the bucket whose bounds contain it
-        hist = out.offset_hist[r].numpy()
-        expect = np.zeros_like(hist)
+            assert got["scores.min"] == pytest.approx(ref["scores_stats"]["min"])
+        expect = np.zeros(ids.size, dtype=np.int64)  # rows of <= 64 tokens are bucketed exactly
         for o in ref["offsets"]:
             expect[np.searchsorted(lows, o, side="right") - 1] += 1
-        assert hist.tolist() == expect.tolist()
+        assert out.offset_hist[r].tolist() == expect.tolist()
+
+
+def test_offset_histogram_of_long_rows_counts_every_token_with_bounded_rank_error():
+    rng = np.random.default_rng(5)
+    R, K, seq = 6, 2048, 40000
+    pos = np.sort(np.stack([rng.choice(seq, K, replace=False) for _ in range(R)]), 1).astype(np.int32)
+    pos[0, :100] = -1  # padding
+    pos.sort(1)
+    out = selection_statistics(pos, np.full(R, seq), 64, row_group=np.zeros(R, np.int64), n_groups=1)
+    ids, lows = offset_bucket_bounds()
+    hist = out.offset_hist[0]
+    assert hist.sum() == (pos >= 0).sum()  # every valid token counted once
+    exact = np.sort(np.concatenate([seq - 1 - r[r >= 0] for r in pos]))
+    cum = np.cumsum(hist)
+    for q in (0.1, 0.5, 0.9):
+        b = np.searchsorted(cum, q * cum[-1])
+        lo, hi = lows[b], lows[b + 1]
+        rank_lo = np.searchsorted(exact, lo) / exact.size
+        rank_hi = np.searchsorted(exact, hi) / exact.size
+        assert rank_lo - 0.01 <= q <= rank_hi + 0.01  # the bucket holding quantile q brackets rank q (+-1%)
 
 
 def test_sketch_error_bound_and_fixed_memory():
