@@ -131,7 +131,7 @@ def make_pool(B: int, L: int, K: int, ctx: int, variants: int, device: str) -> l
 
 def run_dsa(pool, args, out: str, detail: str) -> dict:
     cfg = TraceConfig(out_dir=out, run_name=f"dsa-{detail}", detail=detail, kv_block_size=64,
-                      ring_slots=args.steps + 2, max_queue_size=max(4096, args.steps * args.batch * 2))
+                      ring_slots=args.pace + 1, max_queue_size=max(4096, args.steps * args.batch * 2))
     rids = list(range(args.batch))
     seq = torch.full((args.batch,), args.ctx, dtype=torch.long)
     c0, w0 = cpu_seconds(), time.perf_counter()
@@ -146,6 +146,8 @@ def run_dsa(pool, args, out: str, detail: str) -> dict:
             tracer.record_topk(layer_id, idx, seq, rids)
         tracer.end_step()
         hot += time.perf_counter() - h0
+        if (s + 1) % args.pace == 0:  # a model takes time per step; here the producer waits for the pipeline
+            tracer.flush()
     for r in rids:
         tracer.end_request(r)
     tracer.shutdown(timeout_s=600)
@@ -189,6 +191,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--pace", type=int, default=4, help="dsa-otel: wait for the pipeline every N steps, as a "
+                    "model's own step time would (keeps the snapshot ring's buffers in reuse)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()

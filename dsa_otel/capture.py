@@ -132,10 +132,10 @@ class StepCollector:
             idx_list = [torch.nn.functional.pad(t, (0, k - t.shape[-1]), value=-1) for t in idx_list]
         parts = [t.reshape(-1, k) for t in idx_list]
         rows = sum(p.shape[0] for p in parts)
-        dtype = parts[0].dtype
         buffer = None
-        if ring is not None and all(p.dtype == dtype for p in parts):
-            buffer = ring.acquire(parts[0].device, dtype, rows * k)
+        if ring is not None and not parts[0].is_floating_point():
+            # int32 snapshot: positions are < 2**31; half the bytes to copy, sort and move to the host
+            buffer = ring.acquire(parts[0].device, torch.int32, rows * k)
             indices = torch.cat(parts, 0, out=buffer[: rows * k].view(rows, k))
         else:
             indices = torch.cat(parts, 0)

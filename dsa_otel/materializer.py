@@ -430,7 +430,7 @@ class Materializer:
                 order = torch.from_numpy(perm).to(idx.device, non_blocking=True)
                 rows = idx.index_select(0, order)
                 if scores is not None:
-                    rows, o = torch.sort(rows, 1)
+                    rows, o = torch.sort(rows, dim=1, stable=True)
                     sc_host = scores.index_select(0, order).gather(1, o).float().to("cpu", non_blocking=True)
                 else:
                     rows = torch.sort(rows, 1).values
@@ -438,11 +438,14 @@ class Materializer:
                 pos_host = rows.to(torch.int32).to("cpu", non_blocking=True)
                 stream.synchronize()
             return pos_host.numpy(), (sc_host.numpy() if sc_host is not None else None)
-        pos = idx.numpy().astype(np.int32, copy=False)[perm]  # positions < 2**31; the copy regroups the rows
+        src = idx.numpy()
+        if src.dtype != np.int32:  # positions < 2**31 (the snapshot ring already stores int32)
+            src = src.astype(np.int32)
+        pos = np.take(src, perm, axis=0, out=self._workspace.get("pos", src.shape, np.int32))  # regroup by request
         if scores is None:
             pos.sort(axis=1)
             return pos, None
-        order = np.argsort(pos, axis=1)
+        order = np.argsort(pos, axis=1, kind="stable")
         return (np.take_along_axis(pos, order, 1),
                 np.take_along_axis(scores.float().numpy()[perm], order, 1))
 
