@@ -3,6 +3,7 @@
     dsa-otel demo [--out DIR] ...     trace a built-in synthetic DSA workload into JSONL and print a report
     dsa-otel report RUN_DIR           print the report of a traced run (summary.json + a pass over the shards)
     dsa-otel recover RUN_DIR          make a killed run readable: trim torn tails, finalise .partial shards
+    dsa-otel receive [--out DIR]      OTLP receiver (gRPC :4317, HTTP :4318 on 127.0.0.1) -> the same JSONL
 """
 
 from __future__ import annotations
@@ -107,6 +108,31 @@ def _recover(run_dir: str) -> int:
     return 0
 
 
+def _receive(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .exporters.receiver import Receiver
+
+    token = args.token or os.environ.get("DSA_OTEL_RECEIVER_TOKEN")
+    rec = Receiver(args.out, host=args.host, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
+                   http_port=None if args.http_port < 0 else args.http_port, token=token, tls_cert=args.tls_cert,
+                   tls_key=args.tls_key, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+                   max_requests_per_file=args.max_requests_per_file)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    rec.start()
+    print(f"dsa-otel receive: OTLP/gRPC {args.host}:{rec.grpc_port}  OTLP/HTTP {args.host}:{rec.http_port}/v1/traces"
+          f"  -> {args.out}  (Ctrl-C to stop)", flush=True)
+    stop.wait()
+    rec.stop()
+    s = rec.sink.stats
+    print(f"received {s.requests} requests, {s.spans} spans ({s.rejected_spans} rejected, {s.bad_requests} bad, "
+          f"{s.unauthenticated} unauthenticated, {s.oversized} oversized) into {', '.join(s.runs) or 'no run'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsa-otel", description="OpenTelemetry tracing for DeepSeek Sparse Attention")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -127,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     rc = sub.add_parser("recover", help="make a killed run readable (trim torn tails, finalise shards)")
     rc.add_argument("run_dir")
+    rv = sub.add_parser("receive", help="OTLP trace receiver (gRPC + HTTP) writing the same sharded JSONL")
+    rv.add_argument("--out", default="outputs")
+    rv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    rv.add_argument("--grpc-port", type=int, default=4317, help="-1 disables gRPC")
+    rv.add_argument("--http-port", type=int, default=4318, help="-1 disables HTTP")
+    rv.add_argument("--token", default=None, help="require 'authorization: Bearer TOKEN' (or DSA_OTEL_RECEIVER_TOKEN)")
+    rv.add_argument("--tls-cert", default=None)
+    rv.add_argument("--tls-key", default=None)
+    rv.add_argument("--max-message-mb", type=float, default=64.0)
+    rv.add_argument("--max-requests-per-file", type=int, default=4)
     return p
 
 
@@ -139,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args.run_dir)
         if args.cmd == "recover":
             return _recover(args.run_dir)
+        if args.cmd == "receive":
+            return _receive(args)
     except ConfigError as exc:
         print(f"dsa-otel: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -61,6 +61,9 @@ class TraceConfig:
         exporters: where spans go: local sharded JSONL, OTLP, both, or none (metrics/summary only).
         otlp_endpoint / otlp_protocol / otlp_headers / otlp_insecure / otlp_compression: OTLP exporter settings;
             ``None`` means "use the standard OTEL_EXPORTER_OTLP_* variable or the exporter's default".
+        payload_chunk_bytes: the base64 step payload is split into attributes of at most this many bytes
+            (``dsa.step.payload.0``, ``.1``, ...) when larger, to stay under backends' attribute limits (Jaeger on
+            Elasticsearch: 32766 bytes per keyword; Tempo truncates at its ``max_attribute_bytes``); 0 = never split.
         compression: ``zstd`` compresses shards (``.jsonl.zst``, one frame per batch, readable after a crash).
         ring_slots: capture slots in flight between the model thread and the materializer; when all are busy
             the step is dropped and counted rather than waiting.
@@ -88,6 +91,7 @@ class TraceConfig:
     otlp_insecure: bool | None = None
     otlp_compression: str | None = None
     compression: Compression = "none"
+    payload_chunk_bytes: int = 32000
     ring_slots: int = 8
     max_queue_size: int = 4096
     max_export_batch_size: int = 256
@@ -158,7 +162,7 @@ _FIELD_TYPES: dict[str, type] = {
     "enabled": bool, "store_scores": bool, "otlp_insecure": bool,
     "kv_block_size": int, "max_requests_per_file": int, "ring_slots": int, "max_queue_size": int,
     "max_export_batch_size": int, "schedule_delay_ms": int, "export_timeout_ms": int,
-    "kv_bytes_per_token": int, "rank": int, "world_size": int, "seed": int,
+    "kv_bytes_per_token": int, "payload_chunk_bytes": int, "rank": int, "world_size": int, "seed": int,
     "sample_rate": float, "hbm_bandwidth_gbps": float, "hbm_op_latency_us": float,
 }
 
@@ -266,6 +270,7 @@ def _validate(c: TraceConfig) -> None:
     need(c.schedule_delay_ms >= 0, "schedule_delay_ms", "must be >= 0")
     need(c.export_timeout_ms > 0, "export_timeout_ms", "must be > 0")
     need(c.kv_bytes_per_token > 0, "kv_bytes_per_token", "must be > 0")
+    need(c.payload_chunk_bytes == 0 or c.payload_chunk_bytes >= 256, "payload_chunk_bytes", "must be 0 or >= 256")
     need(c.hbm_bandwidth_gbps > 0, "hbm_bandwidth_gbps", "must be > 0")
     need(c.hbm_op_latency_us >= 0, "hbm_op_latency_us", "must be >= 0")
     need(c.world_size >= 1, "world_size", "must be >= 1")

@@ -385,8 +385,8 @@ class Materializer:
             if st.key is not None:
                 attrs[sc.REQUEST_KEY] = st.key
             if self.embed_payload:  # only serialised when an exporter other than the in-process JSONL reads it
-                attrs[sc.PAYLOAD] = base64.b64encode(encode_step_payload(row_layer[a:b], all_columns, slab, **kw)) \
-                    .decode("ascii")
+                text = base64.b64encode(encode_step_payload(row_layer[a:b], all_columns, slab, **kw)).decode("ascii")
+                attrs.update(payload_attributes(text, cfg.payload_chunk_bytes))
             span = self.tracer.start_span(sc.SPAN_DECODE_STEP if cap.phase == "decode" else "dsa.prefill_chunk",
                                           context=st.context, attributes=attrs, start_time=cap.t_start_ns)
             self.handoff.put(span.get_span_context().span_id, payload)  # in-process: exporters skip re-parsing
@@ -482,6 +482,16 @@ def _host(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def payload_attributes(text: str, chunk: int) -> dict[str, Any]:
+    """The payload as one attribute, or split into numbered chunks under backends' attribute size limits."""
+    if chunk <= 0 or len(text) <= chunk:
+        return {sc.PAYLOAD: text}
+    parts = [text[i:i + chunk] for i in range(0, len(text), chunk)]
+    out: dict[str, Any] = {f"{sc.PAYLOAD}.{i}": part for i, part in enumerate(parts)}
+    out[sc.PAYLOAD_CHUNKS] = len(parts)
+    return out
 
 
 def remote_parent_link(traceparent: str) -> SpanContext | None:

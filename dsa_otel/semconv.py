@@ -38,6 +38,7 @@ N_LAYERS = "dsa.layers"
 BATCH_SIZE = "dsa.batch_size"          # requests in the step (the seed's kv_fetch.*.batch_size)
 PHASE = "dsa.phase"                    # "decode" or "prefill"
 PAYLOAD = "dsa.step.payload"           # base64 of dsa_otel.v1.StepPayload
+PAYLOAD_CHUNKS = "dsa.step.payload_chunks"  # when split: the payload is PAYLOAD + ".0" .. ".<n-1>" concatenated
 DETAIL = "dsa.detail"
 MEAN_UNIQUE_BLOCKS = "dsa.unique_blocks.mean"
 MAX_UNIQUE_BLOCKS = "dsa.unique_blocks.max"

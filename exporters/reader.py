@@ -86,9 +86,52 @@ def iter_file(path: str, report: ReadReport | None = None) -> Iterator[dict]:
 
 
 def read_records(path: str, report: ReadReport | None = None) -> Iterator[dict]:
-    """Every record under ``path`` (see module docstring)."""
+    """Every record under ``path`` (see module docstring). A single file that is not a shard is read as the
+    OpenTelemetry Collector's ``file`` exporter output (OTLP JSON, one export request per line)."""
+    if os.path.isfile(path) and not _SHARD_RE.match(os.path.basename(path)):
+        yield from read_collector_file(path, report)
+        return
     for f in shard_files(path):
         yield from iter_file(f, report)
+
+
+def read_collector_file(path: str, report: ReadReport | None = None) -> Iterator[dict]:
+    """Records from an OTLP-JSON file written by the Collector's ``file`` exporter, in the same form as the
+    JSONL shards (spans of every run in the file, in file order; a torn last line is skipped)."""
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from dsa_otel import semconv as sc
+
+    from .otlp_convert import request_spans
+    from .records import payload_of, step_records
+
+    data, _ = _raw_bytes(path)
+    if report is not None:
+        report.files.append(path)
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        req = ExportTraceServiceRequest()
+        try:
+            json_format.Parse(line.decode("utf-8"), req)
+        except (json_format.ParseError, UnicodeDecodeError):
+            if report is not None:
+                report.torn_lines += 1
+            continue
+        for _, (name, attrs, trace_id) in request_spans(req):
+            if name != sc.SPAN_DECODE_STEP:
+                continue
+            try:
+                recs = step_records(attrs, trace_id, payload_of(attrs))
+            except (ValueError, KeyError):
+                if report is not None:
+                    report.bad_lines += 1
+                continue
+            if report is not None:
+                report.records += len(recs)
+            for r in recs:  # same JSON types as a shard line
+                yield orjson.loads(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
 def recover_run(path: str) -> dict[str, int]:

@@ -23,11 +23,27 @@ INT_COLUMNS = frozenset({
 INT_TIER_FIELDS = frozenset({"bytes_read", "read_ops", "hit_blocks"})
 
 
+MAX_PAYLOAD_CHUNKS = 4096
+
+
 def payload_of(attrs: Mapping[str, Any]) -> StepPayload:
+    """Decode a step span's payload (whole, or reassembled from its numbered chunks)."""
     raw = attrs.get(sc.PAYLOAD)
+    if raw is None and sc.PAYLOAD_CHUNKS in attrs:
+        n = attrs[sc.PAYLOAD_CHUNKS]
+        if not isinstance(n, int) or not 0 < n <= MAX_PAYLOAD_CHUNKS:
+            raise ValueError(f"bad {sc.PAYLOAD_CHUNKS}: {n!r}")
+        parts = [attrs.get(f"{sc.PAYLOAD}.{i}") for i in range(n)]
+        if not all(isinstance(p, str) for p in parts):
+            raise ValueError("a payload chunk is missing (truncated by a backend?)")
+        raw = "".join(parts)  # type: ignore[arg-type]
     if not isinstance(raw, str):
         raise ValueError(f"span has no {sc.PAYLOAD} attribute")
-    return decode_step_payload(base64.b64decode(raw, validate=True))
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"payload is not base64: {exc}") from None
+    return decode_step_payload(data)
 
 
 def step_records(attrs: Mapping[str, Any], trace_id: int, payload: StepPayload | None = None) -> list[dict]:
