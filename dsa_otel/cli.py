@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import structlog
+
+    # the command's results go to stdout; diagnostics (structlog) to stderr
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "demo":

@@ -296,3 +296,53 @@ def test_collector_file_exporter_output_reads_like_shards(tmp_path):
         f.write('{"resourceSpans": [{"truncat')  # a torn last line
     key = lambda r: (r["request_id"], r["step_idx"], r["layer_id"])  # noqa: E731
     assert sorted(read_records(str(path)), key=key) == sorted(read_records(cfg.run_dir), key=key)
+
+
+def test_payload_chunks_reassemble_and_truncation_is_detected():
+    import base64 as b64
+
+    from dsa_otel.exporters.records import payload_of
+    from dsa_otel.materializer import payload_attributes
+    from dsa_otel.wire import encode_step_payload
+
+    data = encode_step_payload(np.arange(3), ("a",), np.ones((3, 1)),
+                               positions=(np.arange(3000), np.array([1000, 1000, 1000])))
+    text = b64.b64encode(data).decode()
+    attrs = payload_attributes(text, 256)
+    assert attrs["dsa.step.payload_chunks"] == -(-len(text) // 256) and "dsa.step.payload" not in attrs
+    assert all(len(v) <= 256 for k, v in attrs.items() if k.startswith("dsa.step.payload."))
+    assert payload_of(attrs).positions.values.tolist() == list(range(3000))
+    assert payload_attributes(text, 0) == {"dsa.step.payload": text}
+    broken = dict(attrs)
+    broken["dsa.step.payload.1"] = broken["dsa.step.payload.1"][:100]  # a backend truncated one chunk
+    with pytest.raises(ValueError):
+        payload_of(broken)
+    del broken["dsa.step.payload.2"]
+    with pytest.raises(ValueError, match="missing"):
+        payload_of(broken)
+
+
+def test_receive_command_shuts_down_gracefully(tmp_path):
+    import signal
+    import sys
+
+    gport, hport = _free_port(), _free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "dsa-otel")
+    proc = subprocess.Popen([exe, "receive", "--out", str(tmp_path / "rx"), "--grpc-port", str(gport),
+                             "--http-port", str(hport)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "OTLP/gRPC" in proc.stdout.readline()
+        cfg = TraceConfig(out_dir=str(tmp_path / "t"), run_name="cli", exporters="otlp", otlp_protocol="grpc",
+                          otlp_endpoint=f"http://127.0.0.1:{gport}", otlp_insecure=True, ring_slots=64)
+        tracer = DSATracer(cfg)
+        workload(tracer, n_requests=3, steps=2, layers=2)
+        tracer.shutdown()
+        assert tracer.tracing_stats()["export_errors"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "received" in out
+    run = tmp_path / "rx" / "cli" / "block64"
+    assert not [f for f in os.listdir(run) if f.endswith(".partial")]  # finalised on SIGTERM
+    assert (run / "summary.json").is_file()
+    assert len(list(read_records(str(run)))) == 3 * 2 * 2
