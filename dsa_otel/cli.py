@@ -3,6 +3,7 @@
     dsa-otel demo [--out DIR] ...     trace a built-in synthetic DSA workload into JSONL and print a report
     dsa-otel report RUN_DIR           print the report of a traced run (summary.json + a pass over the shards)
     dsa-otel recover RUN_DIR          make a killed run readable: trim torn tails, finalise .partial shards
+    dsa-otel analyze RUN_DIR          locality, working sets, LRU/LFU/Belady what-if -> analysis.json, Parquet, HTML
     dsa-otel receive [--out DIR]      OTLP receiver (gRPC :4317, HTTP :4318 on 127.0.0.1) -> the same JSONL
 """
 
@@ -133,6 +134,42 @@ def _receive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis.report import ParquetRecordSink, write_outputs
+    from .analysis.run import AnalysisConfig, analyze_run, summarize
+
+    out = args.out or os.path.join(args.run_dir if os.path.isdir(args.run_dir) else os.path.dirname(args.run_dir),
+                                   "analysis")
+    os.makedirs(out, exist_ok=True)
+    cfg = AnalysisConfig(window=args.window, budgets=tuple(args.budgets or ()), max_accesses=args.max_accesses,
+                         block_bytes=args.block_bytes, heatmap_request=args.heatmap_request,
+                         heatmap_layer=args.heatmap_layer, progress=not args.quiet)
+    runs = []
+    for i, path in enumerate([args.run_dir] + ([args.compare] if args.compare else [])):
+        sink = None
+        if i == 0 and not args.no_parquet:
+            try:
+                sink = ParquetRecordSink(os.path.join(out, "records.parquet"))
+            except ImportError:
+                print("pyarrow not installed: no Parquet tables (pip install 'dsa-otel[analysis]')", file=sys.stderr)
+        try:
+            res = analyze_run(path, cfg, sink)
+        finally:
+            if sink is not None:
+                sink.close()
+        runs.append((os.path.basename(os.path.normpath(path)) if i == 0 or os.path.basename(
+            os.path.normpath(path)) != os.path.basename(os.path.normpath(args.run_dir)) else f"{path}",
+            summarize(res, cfg), res))
+    paths = write_outputs(out, runs)
+    s = runs[0][1]
+    print(f"analysed {s['records']} records of {s['requests']} requests -> {paths['html']}")
+    if s.get("cache_what_if"):
+        c = s["cache_what_if"]
+        print("LRU budget (blocks) for 90/95/99% hits: " + ", ".join(
+            str(c["budget_for"]["lru"][q]) for q in ("0.9", "0.95", "0.99")))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsa-otel", description="OpenTelemetry tracing for DeepSeek Sparse Attention")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -153,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     rc = sub.add_parser("recover", help="make a killed run readable (trim torn tails, finalise shards)")
     rc.add_argument("run_dir")
+    an = sub.add_parser("analyze", help="locality metrics, cache what-if, Parquet tables and an HTML report")
+    an.add_argument("run_dir", help="a run folder (any level) or a Collector OTLP-JSON file")
+    an.add_argument("--out", default=None, help="default: <run_dir>/analysis")
+    an.add_argument("--compare", default=None, help="a second run to put beside the first")
+    an.add_argument("--window", type=int, default=16, help="working-set window (decode steps)")
+    an.add_argument("--budgets", type=int, nargs="*", help="HBM budgets in blocks (default: a log grid)")
+    an.add_argument("--max-accesses", type=int, default=2_000_000, help="cap of the replayed access stream")
+    an.add_argument("--block-bytes", type=int, default=64 * 656, help="bytes of one KV block of one layer")
+    an.add_argument("--heatmap-request", type=int, default=None)
+    an.add_argument("--heatmap-layer", type=int, default=None)
+    an.add_argument("--no-parquet", action="store_true")
+    an.add_argument("--quiet", action="store_true")
     rv = sub.add_parser("receive", help="OTLP trace receiver (gRPC + HTTP) writing the same sharded JSONL")
     rv.add_argument("--out", default="outputs")
     rv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -181,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _recover(args.run_dir)
         if args.cmd == "receive":
             return _receive(args)
+        if args.cmd == "analyze":
+            return _analyze(args)
     except ConfigError as exc:
         print(f"dsa-otel: configuration error: {exc}", file=sys.stderr)
         return 2
