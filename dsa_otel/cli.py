@@ -58,7 +58,14 @@ def _demo(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     print(f"traced {w.n_requests} requests x {w.decode_steps} steps x {w.n_layers} layers in {elapsed:.2f}s "
           f"-> {cfg.run_dir}")
-    return _report(cfg.run_dir)
+    rc = _report(cfg.run_dir)
+    if rc or args.no_analyze or cfg.exporters not in ("jsonl", "both"):
+        return rc
+    an = argparse.Namespace(run_dir=os.path.join(cfg.out_dir, cfg.run_name), out=None, compare=None, window=16,
+                            budgets=None, max_accesses=1_000_000, block_bytes=cfg.kv_block_size * cfg.kv_bytes_per_token,
+                            heatmap_request=None, heatmap_layer=None, no_parquet=False, quiet=True)
+    print()
+    return _analyze(an)
 
 
 def _report(run_dir: str) -> int:
@@ -165,8 +172,11 @@ def _analyze(args: argparse.Namespace) -> int:
     print(f"analysed {s['records']} records of {s['requests']} requests -> {paths['html']}")
     if s.get("cache_what_if"):
         c = s["cache_what_if"]
-        print("LRU budget (blocks) for 90/95/99% hits: " + ", ".join(
-            str(c["budget_for"]["lru"][q]) for q in ("0.9", "0.95", "0.99")))
+        qs = ("0.9", "0.95", "0.99")
+        print("LRU budget (blocks) for 90/95/99% hits: "
+              + ", ".join(str(c["budget_for"]["lru"][q] or "unreachable") for q in qs)
+              + f" of all accesses ({c['cold']} of {c['accesses']} are first touches); "
+              + ", ".join(str(c["budget_for"]["lru_warm"][q]) for q in qs) + " of re-references")
     return 0
 
 
@@ -186,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--detail", choices=DETAIL_LEVELS, default="blocks")
     d.add_argument("--exporter", choices=EXPORTERS, default="jsonl")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-analyze", action="store_true", help="skip the analysis report")
     r = sub.add_parser("report", help="print the report of a traced run")
     r.add_argument("run_dir")
     rc = sub.add_parser("recover", help="make a killed run readable (trim torn tails, finalise shards)")
@@ -196,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--compare", default=None, help="a second run to put beside the first")
     an.add_argument("--window", type=int, default=16, help="working-set window (decode steps)")
     an.add_argument("--budgets", type=int, nargs="*", help="HBM budgets in blocks (default: a log grid)")
-    an.add_argument("--max-accesses", type=int, default=2_000_000, help="cap of the replayed access stream")
+    an.add_argument("--max-accesses", type=int, default=1_000_000, help="cap of the replayed access stream")
     an.add_argument("--block-bytes", type=int, default=64 * 656, help="bytes of one KV block of one layer")
     an.add_argument("--heatmap-request", type=int, default=None)
     an.add_argument("--heatmap-layer", type=int, default=None)

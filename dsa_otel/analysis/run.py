@@ -41,7 +41,7 @@ class LayerAcc:
 class AnalysisConfig:
     window: int = 16
     budgets: tuple[int, ...] = ()
-    max_accesses: int = 2_000_000
+    max_accesses: int = 1_000_000
     block_bytes: int = 64 * 656
     heatmap_request: int | None = None
     heatmap_layer: int | None = None
@@ -213,7 +213,7 @@ def _analyze_request(res: RunAnalysis, cfg: AnalysisConfig, rid: int, rows: list
 def default_budgets(res: RunAnalysis) -> list[int]:
     """Budgets (blocks) from 1/64 of the mean per-request working set to twice the largest."""
     top = int(max(res.ws_sketch.max if res.ws_sketch.count else 1, 1))
-    grid = np.unique(np.geomspace(max(1, top // 64), 2 * top, 12).astype(int))
+    grid = np.unique(np.geomspace(max(1, top // 64), 2 * top, 10).astype(int))
     return grid.tolist()
 
 
