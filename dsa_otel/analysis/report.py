@@ -243,7 +243,13 @@ def write_outputs(out_dir: str, runs: list[tuple[str, dict[str, Any], RunAnalysi
         paths["layers"] = os.path.join(out_dir, "layers.parquet")
     except ImportError:
         pass
-    images = plots(runs)
+    try:
+        images = plots(runs)
+    except ImportError:  # matplotlib is the optional "analysis" extra
+        import sys
+
+        print("matplotlib not installed: report without plots (pip install 'dsa-otel[analysis]')", file=sys.stderr)
+        images = {}
     for name, png in images.items():
         with open(os.path.join(out_dir, f"{name}.png"), "wb") as f:
             f.write(base64.b64decode(png))
