@@ -1,0 +1,220 @@
+"""Reference DSA model: sparse == dense-then-mask, KV cache correctness, chunked prefill, indexer consistency,
+configs, and the tracer hook (A with B) producing records that match the model's own top-k."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dsa_otel import DSATracer, TraceConfig
+from dsa_otel.exporters import read_records
+from dsa_otel.model.config import ModelArgs, preset
+from dsa_otel.model.dsa import build_model, hadamard_rotate
+from dsa_otel.model.generate import ByteTokenizer, generate
+from dsa_otel.model.kv import OutOfBlocks, PagedKVCache
+
+ARGS = preset("tiny", index_topk=12)  # top-k well below the test contexts: the selection matters
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(ARGS)
+
+
+def run(model, tokens, start=0, cache=None, seq="s", **kw):
+    cache = cache or PagedKVCache(ARGS, 64)
+    if seq not in cache.tables:
+        cache.add_sequence(seq)
+    cache.reserve(seq, tokens.shape[1])
+    logits = model(tokens, torch.tensor([start]), cache, cache.block_table([seq]), **kw)
+    cache.advance(seq, tokens.shape[1])
+    return logits, cache
+
+
+def rand_tokens(n, seed=0):
+    return torch.randint(0, ARGS.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_sparse_equals_dense_then_mask(model):
+    t = rand_tokens(70)
+    sparse, _ = run(model, t, attn="sparse")
+    dense, _ = run(model, t, attn="dense")
+    assert torch.allclose(sparse, dense, atol=1e-4, rtol=1e-4)
+    # and in decode, after the cache is filled
+    _, c1 = run(model, t, attn="sparse")
+    _, c2 = run(model, t, attn="dense")
+    nxt = rand_tokens(1, seed=9)
+    d1, _ = run(model, nxt, start=70, cache=c1, attn="sparse")
+    d2, _ = run(model, nxt, start=70, cache=c2, attn="dense")
+    assert torch.allclose(d1, d2, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_then_decode_equals_full_forward(model):
+    t = rand_tokens(50, seed=1)
+    full, _ = run(model, t)
+    _, cache = run(model, t[:, :40])
+    for i in range(40, 50):  # decode the rest one token at a time through the paged cache
+        step, cache = run(model, t[:, i:i + 1], start=i, cache=cache)
+        assert torch.allclose(step[0, -1], full[0, i], atol=1e-4, rtol=1e-4), i
+
+
+def test_chunked_prefill_equals_one_chunk(model):
+    t = rand_tokens(90, seed=2)
+    a, _ = run(model, t, chunk=1000)
+    b, _ = run(model, t, chunk=7)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_decode_topk_equals_recomputation(model):
+    t = rand_tokens(40, seed=3)
+    seen = {}
+
+    class Rec:
+        enabled = True
+
+        def record_topk(self, layer, topk, seq_lens, rids, block_table=None):
+            seen[layer] = topk.clone()
+
+    _, cache = run(model, t[:, :39])
+    run(model, t[:, 39:], start=39, cache=cache, tracer=Rec())
+    # recompute: the full 40-token forward's last query selects the same positions
+    full_sel = {}
+    for layer in model.layers:
+        orig = layer.attn._topk
+
+        def spy(iq, iw, keys, pos, _orig=orig, _l=layer.attn.layer_id):
+            out = _orig(iq, iw, keys, pos)
+            full_sel[_l] = out[:, -1].clone()
+            return out
+        layer.attn._topk = spy
+    try:
+        run(model, t)
+    finally:
+        for layer in model.layers:
+            del layer.attn._topk
+    for layer_id in range(ARGS.n_layers):
+        assert sorted(seen[layer_id][0].tolist()) == sorted(full_sel[layer_id][0].tolist())
+        assert (seen[layer_id] >= 0).sum() == ARGS.index_topk  # 40 > top-k: a real selection
+
+
+def test_topk_pads_short_contexts_and_is_causal(model):
+    rec = []
+
+    class Rec:
+        enabled = True
+
+        def record_topk(self, layer, topk, seq_lens, rids, block_table=None):
+            rec.append((topk.clone(), seq_lens.clone()))
+
+    _, cache = run(model, rand_tokens(5))
+    run(model, rand_tokens(1, 4), start=5, cache=cache, tracer=Rec())
+    for topk, seq in rec:
+        valid = topk[topk >= 0]
+        assert valid.numel() == 6 and valid.max() <= 5 and int(seq[0]) == 6  # all 6 positions, no future
+        assert (topk[0, 6:] == -1).all()
+
+
+def test_hadamard_is_orthonormal():
+    x = torch.randn(5, 16)
+    y = hadamard_rotate(x)
+    assert torch.allclose(x @ x.T, y @ y.T, atol=1e-5) and not torch.allclose(x, y)
+
+
+def test_paged_cache_block_tables_and_exhaustion():
+    cache = PagedKVCache(ARGS, 4)
+    cache.add_sequence("a")
+    cache.reserve("a", ARGS.kv_block_size * 2 + 1)
+    assert cache.tables["a"] == [0, 1, 2] and cache.allocator.num_free == 1
+    cache.add_sequence("b")
+    with pytest.raises(OutOfBlocks):
+        cache.reserve("b", ARGS.kv_block_size * 2)
+    cache.free("a")
+    assert cache.allocator.num_free == 4 - len(cache.tables["b"])
+
+
+def test_configs_from_official_and_hf_json(tmp_path):
+    official = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+                "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+                "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+                "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8", "scale_fmt": "ue8m0",
+                "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+    p = tmp_path / "config_671B_v3.2.json"
+    p.write_text(json.dumps(official))
+    a = ModelArgs.from_json(str(p))
+    assert (a.dim, a.n_layers, a.n_dense_layers, a.index_topk, a.route_scale) == (7168, 61, 3, 2048, 2.5)
+    hf = {"hidden_size": 7168, "num_hidden_layers": 61, "first_k_dense_replace": 3, "num_attention_heads": 128,
+          "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+          "rope_scaling": {"factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+                           "mscale": 1.0}, "max_position_embeddings": 163840, "topk_method": "noaux_tc",
+          "index_topk": 2048, "vocab_size": 129280}
+    b = ModelArgs.from_json(hf)
+    assert (b.dim, b.n_heads, b.n_activated_experts, b.rope_factor, b.max_seq_len) == (7168, 128, 8, 40, 163840)
+    with pytest.raises(ValueError):
+        ModelArgs.from_json({"index_head_dim": 96})  # not a power of two
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("huge")
+
+
+def test_random_init_is_deterministic():
+    a, b = build_model(ARGS), build_model(ARGS)
+    for (n1, p1), (n2, p2) in zip(a.named_parameters(), b.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_batched_generation_equals_one_by_one(model):
+    tok = ByteTokenizer()
+    prompts = [tok.encode("sparse attention " * 3), tok.encode("kv cache"), tok.encode("deepseek v3.2 " * 4)]
+    batched = generate(model, PagedKVCache(ARGS, 128), prompts, 6)
+    for i, p in enumerate(prompts):
+        alone = generate(model, PagedKVCache(ARGS, 128), [p], 6)
+        assert alone.tokens[0] == batched.tokens[i]
+    assert batched.finish_reasons == ["length"] * 3
+
+
+def test_tracing_the_model_records_its_own_selections(model, tmp_path):
+    tok = ByteTokenizer()
+    prompts = [tok.encode("a" * 30), tok.encode("b" * 45)]
+    captured = []
+
+    cfg = TraceConfig(out_dir=str(tmp_path), run_name="m", detail="full", kv_block_size=ARGS.kv_block_size,
+                      ring_slots=64)
+    tracer = DSATracer(cfg)
+    orig = tracer.record_topk
+
+    def spy(layer_id, topk, seq_lens, rids, step=None, scores=None, block_table=None):
+        captured.append((layer_id, topk.clone(), seq_lens.clone(), list(rids), block_table.clone()))
+        return orig(layer_id, topk, seq_lens, rids, step, scores, block_table)
+    tracer.record_topk = spy
+    cache = PagedKVCache(ARGS, 64)
+    res = generate(model, cache, prompts, 5, tracer=tracer, request_ids=[0, 1])
+    tracer.shutdown()
+    recs = {(r["request_id"], r["step_idx"], r["layer_id"]): r for r in read_records(str(tmp_path / "m"))}
+    assert len(recs) == 2 * (5 - 1) * ARGS.n_layers  # first new token comes from prefill; 4 decode steps each
+    for layer_id, topk, seq_lens, rids, table in captured:
+        for b, rid in enumerate(rids):
+            rec = recs[(rid, int(seq_lens[b]) - 1, layer_id)]
+            sel = sorted(int(x) for x in topk[b] if x >= 0)
+            assert rec["selected_token_pos"] == sel
+            blocks = sorted({p // ARGS.kv_block_size for p in sel})
+            assert rec["selected_block_ids"] == blocks
+            assert rec["physical_block_ids"] == [int(table[b, x]) for x in blocks]
+    spans_ok = tracer.tracing_stats()
+    assert spans_ok["steps_dropped"] == 0 and spans_ok["requests_ended"] == 2
+
+
+def test_untraced_model_makes_no_tracer_calls(model):
+    class Boom:
+        enabled = False
+
+        def record_topk(self, *a, **k):
+            raise AssertionError("called")
+
+    run(model, rand_tokens(10))  # tracer=None
+    _, cache = run(model, rand_tokens(10))
+    run(model, rand_tokens(1), start=10, cache=cache, tracer=Boom())  # disabled tracer: no call either
