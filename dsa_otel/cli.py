@@ -1,6 +1,6 @@
 """The ``dsa-otel`` command line.
 
-    dsa-otel demo [--out DIR] ...     trace a built-in synthetic DSA workload into JSONL and print a report
+    dsa-otel demo [--out DIR] ...     trace the tiny DSA model on bundled prompts (or --synthetic), report, analyze
     dsa-otel report RUN_DIR           print the report of a traced run (summary.json + a pass over the shards)
     dsa-otel recover RUN_DIR          make a killed run readable: trim torn tails, finalise .partial shards
     dsa-otel analyze RUN_DIR          locality, working sets, LRU/LFU/Belady what-if -> analysis.json, Parquet, HTML
@@ -21,7 +21,43 @@ import numpy as np
 from .config import DETAIL_LEVELS, EXPORTERS, ConfigError, TraceConfig
 
 
+def _demo_model(args: argparse.Namespace) -> tuple[TraceConfig, str]:
+    """The tiny reference DSA model generating for the bundled sample prompts, traced."""
+    import torch
+
+    from .model.config import preset
+    from .model.dsa import build_model
+    from .model.generate import ByteTokenizer, generate
+    from .model.kv import PagedKVCache
+    from .tracer import DSATracer
+
+    margs = preset("tiny", seed=args.seed)
+    cfg = TraceConfig.from_env(out_dir=args.out, run_name=args.run_name, dataset="sample_prompts",
+                               kv_block_size=margs.kv_block_size, detail=args.detail, exporters=args.exporter,
+                               ring_slots=256)
+    torch.manual_seed(args.seed)
+    model = build_model(margs)
+    tok = ByteTokenizer()
+    path = os.path.join(os.path.dirname(os.path.abspath(__import__("dsa_otel.model", fromlist=["x"]).__file__)),
+                        "data", "sample_prompts.jsonl")
+    with open(path) as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()][: args.num_requests]
+    cache = PagedKVCache(margs, num_blocks=1024)
+    with DSATracer(cfg) as tracer:
+        for start in range(0, len(prompts), args.batch_size):
+            batch = list(range(start, min(start + args.batch_size, len(prompts))))
+            generate(model, cache, [tok.encode(prompts[i]) for i in batch], args.steps, tracer=tracer,
+                     request_ids=batch)
+    return cfg, f"{len(prompts)} sample prompts x {args.steps} new tokens on the tiny DSA model " \
+                f"({margs.n_layers} layers, top-k {margs.index_topk}, {margs.kv_block_size}-token blocks)"
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if not args.synthetic:
+        t0 = time.perf_counter()
+        cfg, what = _demo_model(args)
+        print(f"traced {what} in {time.perf_counter() - t0:.2f}s -> {cfg.run_dir}")
+        return _report_and_analyze(args, cfg)
     import torch
 
     from .synthetic import SyntheticWorkload, topk_for_step
@@ -58,6 +94,10 @@ def _demo(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     print(f"traced {w.n_requests} requests x {w.decode_steps} steps x {w.n_layers} layers in {elapsed:.2f}s "
           f"-> {cfg.run_dir}")
+    return _report_and_analyze(args, cfg)
+
+
+def _report_and_analyze(args: argparse.Namespace, cfg: TraceConfig) -> int:
     rc = _report(cfg.run_dir)
     if rc or args.no_analyze or cfg.exporters not in ("jsonl", "both"):
         return rc
@@ -183,13 +223,14 @@ def _analyze(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsa-otel", description="OpenTelemetry tracing for DeepSeek Sparse Attention")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="trace a built-in synthetic DSA workload into JSONL and report on it")
+    d = sub.add_parser("demo", help="trace the tiny DSA model on bundled prompts (or --synthetic), report, analyze")
+    d.add_argument("--synthetic", action="store_true", help="a synthetic top-k workload instead of the model")
     d.add_argument("--out", default="outputs")
     d.add_argument("--run-name", default="demo")
     d.add_argument("--num-requests", type=int, default=8)
     d.add_argument("--batch-size", type=int, default=4)
     d.add_argument("--prompt-len", type=int, default=2048)
-    d.add_argument("--steps", type=int, default=16)
+    d.add_argument("--steps", type=int, default=24, help="new tokens (model) / decode steps (synthetic)")
     d.add_argument("--layers", type=int, default=8)
     d.add_argument("--topk", type=int, default=256)
     d.add_argument("--kv-block-size", type=int, default=64)
