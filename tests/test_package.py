@@ -45,10 +45,17 @@ def test_editable_install_resolves_to_the_checkout(tmp_path):
 
 def test_console_script_runs_the_demo(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "dsa-otel")
-    res = subprocess.run([exe, "demo", "--out", str(tmp_path), "--num-requests", "4", "--steps", "3",
-                          "--layers", "2", "--prompt-len", "512"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([exe, "demo", "--out", str(tmp_path), "--num-requests", "4", "--steps", "3"],
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "records: 24" in res.stdout and "unique_blocks" in res.stdout
-    assert (tmp_path / "demo" / "block64" / "summary.json").is_file()
+    # tiny model: 4 requests x 2 decode steps (the first new token comes from prefill) x 3 layers
+    assert "records: 24" in res.stdout and "unique_blocks" in res.stdout and "report.html" in res.stdout
+    assert (tmp_path / "demo" / "block16" / "summary.json").is_file()
+    assert (tmp_path / "demo" / "analysis" / "report.html").is_file()
+    syn = subprocess.run([exe, "demo", "--synthetic", "--out", str(tmp_path / "s"), "--num-requests", "4",
+                          "--steps", "3", "--layers", "2", "--prompt-len", "512", "--no-analyze"],
+                         capture_output=True, text=True, timeout=120)
+    assert syn.returncode == 0 and "records: 24" in syn.stdout
+    assert (tmp_path / "s" / "demo" / "block64" / "summary.json").is_file()
     bad = subprocess.run([exe, "demo", "--out", str(tmp_path), "--kv-block-size", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "kv_block_size" in bad.stderr
