@@ -31,10 +31,10 @@ def _demo_model(args: argparse.Namespace) -> tuple[TraceConfig, str]:
     from .model.kv import PagedKVCache
     from .tracer import DSATracer
 
-    margs = preset("tiny", seed=args.seed)
+    block = args.kv_block_size if args.kv_block_size is not None else preset("tiny").kv_block_size
     cfg = TraceConfig.from_env(out_dir=args.out, run_name=args.run_name, dataset="sample_prompts",
-                               kv_block_size=margs.kv_block_size, detail=args.detail, exporters=args.exporter,
-                               ring_slots=256)
+                               kv_block_size=block, detail=args.detail, exporters=args.exporter, ring_slots=256)
+    margs = preset("tiny", seed=args.seed, kv_block_size=cfg.kv_block_size)
     torch.manual_seed(args.seed)
     model = build_model(margs)
     tok = ByteTokenizer()
@@ -64,8 +64,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .tracer import DSATracer
 
     cfg = TraceConfig.from_env(out_dir=args.out, run_name=args.run_name, dataset="synthetic",
-                               kv_block_size=args.kv_block_size, detail=args.detail, exporters=args.exporter,
-                               ring_slots=256)
+                               kv_block_size=64 if args.kv_block_size is None else args.kv_block_size,
+                               detail=args.detail, exporters=args.exporter, ring_slots=256)
     w = SyntheticWorkload(n_requests=args.num_requests, batch_size=args.batch_size, prompt_len=args.prompt_len,
                           decode_steps=args.steps, n_layers=args.layers, topk=args.topk, seed=args.seed)
     rng = np.random.default_rng(args.seed)
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=24, help="new tokens (model) / decode steps (synthetic)")
     d.add_argument("--layers", type=int, default=8)
     d.add_argument("--topk", type=int, default=256)
-    d.add_argument("--kv-block-size", type=int, default=64)
+    d.add_argument("--kv-block-size", type=int, default=None, help="tokens per KV block (model: 16, synthetic: 64)")
     d.add_argument("--detail", choices=DETAIL_LEVELS, default="blocks")
     d.add_argument("--exporter", choices=EXPORTERS, default="jsonl")
     d.add_argument("--seed", type=int, default=0)
