@@ -405,7 +405,7 @@ class Materializer:
         with torch.cuda.stream(stream):
             stream.wait_event(cap.event)
             host = [getattr(g, name).to("cpu", non_blocking=True) for g, name in dev_tensors]
-            stream.synchronize()
+            _wait(stream)
         for (g, name), h in zip(dev_tensors, host):
             setattr(g, name, h.numpy())
 
@@ -427,7 +427,7 @@ class Materializer:
             stream = self._stream(idx.device)
             with torch.cuda.stream(stream):
                 stream.wait_event(cap.event)
-                order = torch.from_numpy(perm).to(idx.device, non_blocking=True)
+                order = torch.from_numpy(perm).pin_memory().to(idx.device, non_blocking=True)  # no pageable copy
                 rows = idx.index_select(0, order)
                 if scores is not None:
                     rows, o = torch.sort(rows, dim=1, stable=True)
@@ -436,7 +436,7 @@ class Materializer:
                     rows = torch.sort(rows, 1).values
                     sc_host = None
                 pos_host = rows.to(torch.int32).to("cpu", non_blocking=True)
-                stream.synchronize()
+                _wait(stream)
             return pos_host.numpy(), (sc_host.numpy() if sc_host is not None else None)
         src = idx.numpy()
         if src.dtype != np.int32:  # positions < 2**31 (the snapshot ring already stores int32)
@@ -475,6 +475,15 @@ class Materializer:
             for f in TIER_FIELDS:
                 base[f] = np.where(covered, v[f], base[f])
         return merged
+
+
+def _wait(stream: Any) -> None:
+    """Wait for a side stream's work by polling an event: ``query()`` never synchronises the device, and the sleep
+    releases the GIL, so the model thread is never held up by this background wait."""
+    ev = torch.cuda.Event()
+    ev.record(stream)
+    while not ev.query():
+        time.sleep(0.0001)
 
 
 def _host(x: Any) -> np.ndarray:

@@ -113,7 +113,7 @@ PRESETS: dict[str, ModelArgs] = {
                       n_activated_experts=2, n_expert_groups=2, n_limited_groups=1, q_lora_rank=32,
                       kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, original_seq_len=512,
                       rope_factor=4.0, index_n_heads=4, index_head_dim=16, index_topk=32, kv_block_size=16),
-    "small": ModelArgs(max_batch_size=32, max_seq_len=131072, vocab_size=32768, dim=1024, inter_dim=2816,
+    "small": ModelArgs(max_batch_size=32, max_seq_len=163840, vocab_size=32768, dim=1024, inter_dim=2816,
                        moe_inter_dim=512, n_layers=4, n_dense_layers=1, n_heads=16, n_routed_experts=16,
                        n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
                        q_lora_rank=512, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,

@@ -182,13 +182,21 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * (self.n_heads ** -0.5) * self.softmax_scale
         return q, w
 
+    SCORE_BUDGET_BYTES = 1 << 29  # per-head-group [B, S, Hg, T] float32 scores: at most 512 MiB
+
     def scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """index_score[b, s, t] = sum_h w[b,s,h] * relu(q[b,s,h] . k[b,t]), accumulated head by head so only
-        [B, S, T] is ever allocated."""
-        out = torch.zeros(q.shape[0], q.shape[1], keys.shape[1], device=q.device, dtype=torch.float32)
-        kf = keys.float().transpose(1, 2)
-        for h in range(self.n_heads):
-            out += torch.relu(torch.bmm(q[:, :, h].float(), kf)) * w[:, :, h:h + 1]
+        """index_score[b, s, t] = sum_h w[b,s,h] * relu(q[b,s,h] . k[b,t]), heads in groups sized so that the
+        per-head scores never exceed SCORE_BUDGET_BYTES (all heads at once in decode, fewer per group in prefill)."""
+        B, S, H, _ = q.shape
+        T = keys.shape[1]
+        per_head = max(1, B * S * T * 4)
+        group = max(1, min(H, self.SCORE_BUDGET_BYTES // per_head))
+        kf = keys.float()
+        out = torch.zeros(B, S, T, device=q.device, dtype=torch.float32)
+        for h0 in range(0, H, group):
+            h1 = min(H, h0 + group)
+            s = torch.einsum("bshd,btd->bsht", q[:, :, h0:h1].float(), kf).relu_()
+            out += torch.einsum("bsht,bsh->bst", s, w[:, :, h0:h1])
         return out
 
 

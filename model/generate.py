@@ -89,6 +89,8 @@ def generate(model: DSATransformer, cache: PagedKVCache, prompts: Sequence[Seque
             break
         batch = [rids[i] for i in active]
         for rid in batch:
+            if cache.lengths[rid] + 1 > limit:  # unreachable through the checks above; a guard for RoPE tables
+                raise ValueError(f"request {rid!r} would exceed max_seq_len={limit}")
             cache.reserve(rid, 1)
         start = torch.tensor([cache.lengths[r] for r in batch], device=device)
         table = cache.block_table(batch)
