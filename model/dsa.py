@@ -24,6 +24,8 @@ from torch import nn
 
 from .config import ModelArgs
 from .kv import PagedKVCache
+from .parallel import (ColumnParallelLinear, ParallelHead, RowParallelLinear, VocabParallelEmbedding, all_reduce,
+                       split, world)
 
 
 # ----------------------------------------------------------------------------------------------- basic layers
@@ -97,9 +99,15 @@ def linear(d_in: int, d_out: int) -> nn.Linear:
 
 # ----------------------------------------------------------------------------------------------- MoE
 class MLP(nn.Module):
-    def __init__(self, dim: int, inter: int) -> None:
+    """SwiGLU feed-forward; ``parallel``: intermediate size split across tensor-parallel ranks."""
+
+    def __init__(self, dim: int, inter: int, parallel: bool = True, reduce: bool = True) -> None:
         super().__init__()
-        self.w1, self.w2, self.w3 = linear(dim, inter), linear(inter, dim), linear(dim, inter)
+        if parallel:
+            self.w1, self.w3 = ColumnParallelLinear(dim, inter), ColumnParallelLinear(dim, inter)
+            self.w2: nn.Module = RowParallelLinear(inter, dim, reduce=reduce)
+        else:
+            self.w1, self.w2, self.w3 = linear(dim, inter), linear(inter, dim), linear(dim, inter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2((F.silu(self.w1(x).float()) * self.w3(x).float()).to(x.dtype))
@@ -139,8 +147,14 @@ class MoE(nn.Module):
         super().__init__()
         self.args = args
         self.gate = Gate(args)
-        self.experts = nn.ModuleList([MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts)])
-        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+        ws, rank = world()
+        n_local = split(args.n_routed_experts, "n_routed_experts")
+        self.expert_start, self.expert_end = rank * n_local, (rank + 1) * n_local
+        # every rank keeps the full list (names match the checkpoint); only its own experts hold weights
+        self.experts = nn.ModuleList([MLP(args.dim, args.moe_inter_dim, parallel=False)
+                                      if self.expert_start <= i < self.expert_end else None
+                                      for i in range(args.n_routed_experts)])
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -148,9 +162,12 @@ class MoE(nn.Module):
         weights, idx = self.gate(x)
         y = torch.zeros_like(x, dtype=torch.float32)
         for e in torch.unique(idx).tolist():  # host list of experts in use: the reference model is not a kernel
+            if not self.expert_start <= e < self.expert_end:
+                continue
             rows, slot = torch.where(idx == e)
             y.index_add_(0, rows, (self.experts[e](x[rows]).float() * weights[rows, slot].unsqueeze(-1)))
-        return (y + self.shared_experts(x).float()).to(x.dtype).reshape(shape)
+        y = all_reduce(y + self.shared_experts(x).float())  # one reduction for routed and shared partial sums
+        return y.to(x.dtype).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -207,11 +224,12 @@ class MLA(nn.Module):
         self.layer_id = layer_id
         self.wq_a = linear(a.dim, a.q_lora_rank)
         self.q_norm = RMSNorm(a.q_lora_rank)
-        self.wq_b = linear(a.q_lora_rank, a.n_heads * a.qk_head_dim)
+        self.n_local_heads = split(a.n_heads, "n_heads")
+        self.wq_b = ColumnParallelLinear(a.q_lora_rank, a.n_heads * a.qk_head_dim)
         self.wkv_a = linear(a.dim, a.kv_lora_rank + a.qk_rope_head_dim)
         self.kv_norm = RMSNorm(a.kv_lora_rank)
-        self.wkv_b = linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim))
-        self.wo = linear(a.n_heads * a.v_head_dim, a.dim)
+        self.wkv_b = ColumnParallelLinear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim))
+        self.wo = RowParallelLinear(a.n_heads * a.v_head_dim, a.dim)
         self.softmax_scale = a.qk_head_dim ** -0.5
         if a.max_seq_len > a.original_seq_len:
             m = 0.1 * a.mscale * math.log(a.rope_factor) + 1.0
@@ -222,7 +240,8 @@ class MLA(nn.Module):
         a = self.args
         B, S, _ = x.shape
         qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).view(B, S, a.n_heads, a.qk_head_dim)
+        H = self.n_local_heads
+        q = self.wq_b(qr).view(B, S, H, a.qk_head_dim)
         q_nope, q_pe = torch.split(q, [a.qk_nope_head_dim, a.qk_rope_head_dim], -1)
         q_pe = apply_rope(q_pe, ctx.freqs)
         latent, k_pe = torch.split(self.wkv_a(x), [a.kv_lora_rank, a.qk_rope_head_dim], -1)
@@ -231,12 +250,12 @@ class MLA(nn.Module):
         cache = ctx.cache
         cache.write(self.layer_id, ctx.slots, latent, k_pe, self.indexer.keys(x, ctx.freqs))
 
-        wkv_b = self.wkv_b.weight.view(a.n_heads, -1, a.kv_lora_rank)
+        wkv_b = self.wkv_b.weight.view(H, -1, a.kv_lora_rank)
         w_k, w_v = wkv_b[:, : a.qk_nope_head_dim], wkv_b[:, a.qk_nope_head_dim:]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_k.float())  # absorbed: queries in latent space
         iq, iw = self.indexer.queries(x, qr, ctx.freqs)
         idx_keys = cache.index_k[self.layer_id][ctx.all_slots]  # [B, T, D] index keys of the whole context
-        out = torch.empty(B, S, a.n_heads, a.kv_lora_rank, device=x.device, dtype=torch.float32)
+        out = torch.empty(B, S, H, a.kv_lora_rank, device=x.device, dtype=torch.float32)
         for c0 in range(0, S, ctx.chunk):
             c1 = min(S, c0 + ctx.chunk)
             topk = self._topk(iq[:, c0:c1], iw[:, c0:c1], idx_keys, ctx.positions[:, c0:c1])
@@ -253,8 +272,11 @@ class MLA(nn.Module):
         """[B, c, index_topk] selected positions of each query (causal), -1 where the context is shorter."""
         s = self.indexer.scores(iq, iw, keys)
         T = keys.shape[1]
-        causal = torch.arange(T, device=s.device).view(1, 1, T) > pos.unsqueeze(-1)
-        s = s.masked_fill(causal, float("-inf"))
+        ar = torch.arange(T, device=s.device)
+        # ReLU scores are exactly 0 for keys no head likes; break such ties towards recent positions, identically
+        # in every computation shape (the offset is far below float32 resolution of any non-zero score)
+        s = s + ar.float() * 1e-30
+        s = s.masked_fill(ar.view(1, 1, T) > pos.unsqueeze(-1), float("-inf"))
         k = min(self.args.index_topk, T)
         vals, idx = s.topk(k, -1)
         idx = torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1))
@@ -320,24 +342,31 @@ class DSATransformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.embed = VocabParallelEmbedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList([Block(args, i) for i in range(args.n_layers)])
         self.norm = RMSNorm(args.dim)
-        self.head = linear(args.dim, args.vocab_size)
+        self.head = ParallelHead(args.dim, args.vocab_size)
         self.freqs_cis = yarn_freqs(args)  # complex64; not a buffer so that .to(dtype) leaves it complex
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> "DSATransformer":
-        """Seeded, deterministic random initialisation (no checkpoint needed)."""
-        g = torch.Generator().manual_seed(self.args.seed if seed is None else seed)
-        for name, p in sorted(self.named_parameters()):
-            if name.endswith("norm.weight") or name.endswith("k_norm.weight"):
+        """Seeded, deterministic random initialisation. Each parameter gets its own generator (seed, name), and
+        tensor-parallel ranks take their slice of the full tensor, so TP=N holds exactly the weights of TP=1."""
+        from .checkpoint import full_shape, shard_for_rank
+
+        base = self.args.seed if seed is None else seed
+        ws, rank = world()
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                std = 0.02 if p.dim() < 2 else p.shape[-1] ** -0.5
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                g = torch.Generator().manual_seed(base * 1_000_003 + (hash_name(name) % 1_000_000_007))
+                shape = full_shape(name, tuple(p.shape), ws)
+                std = 0.02 if len(shape) < 2 else shape[-1] ** -0.5
+                full = torch.randn(shape, generator=g) * std
+                p.copy_(shard_for_rank(name, full, ws, rank))
         return self
 
     @torch.no_grad()
@@ -366,6 +395,13 @@ class DSATransformer(nn.Module):
             h = layer(h, ctx)
         h = self.norm(h[:, -1:] if last_only else h)
         return self.head(h).float()
+
+
+def hash_name(name: str) -> int:
+    """A stable (process-independent) hash of a parameter name."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DSATransformer:
