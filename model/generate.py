@@ -29,6 +29,40 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (e.g. DeepSeek-V3.2's) through the ``tokenizers`` package; no hub access."""
+
+    def __init__(self, path: str, bos_token: str = "<｜begin▁of▁sentence｜>", eos_token: str = "<｜end▁of▁sentence｜>"):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:  # optional dependency
+            raise ImportError("reading tokenizer.json needs the 'tokenizers' package (pip install tokenizers)") from exc
+        self.tok = Tokenizer.from_file(path)
+        self.bos_id = self.tok.token_to_id(bos_token)
+        self.eos_id = self.tok.token_to_id(eos_token)
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(path: str | None = None) -> "ByteTokenizer | HFTokenizer":
+    """The byte-level tokenizer by default; a tokenizer.json (file, or a folder holding one) when given."""
+    if path is None:
+        return ByteTokenizer()
+    import os
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    return HFTokenizer(path)
+
+
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]

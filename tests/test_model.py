@@ -218,3 +218,24 @@ def test_untraced_model_makes_no_tracer_calls(model):
     run(model, rand_tokens(10))  # tracer=None
     _, cache = run(model, rand_tokens(10))
     run(model, rand_tokens(1), start=10, cache=cache, tracer=Boom())  # disabled tracer: no call either
+
+
+def test_tokenizers(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from dsa_otel.model.generate import HFTokenizer, load_tokenizer
+
+    byte = load_tokenizer(None)
+    assert byte.decode(byte.encode("Déjà vu")) == "Déjà vu" and byte.encode("a")[0] == byte.bos_id
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]", "<｜begin▁of▁sentence｜>",
+                                                                  "<｜end▁of▁sentence｜>"])
+    tok.train_from_iterator(["sparse attention selects blocks", "the kv cache holds blocks"] * 20, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = load_tokenizer(str(tmp_path))
+    assert isinstance(hf, HFTokenizer) and hf.bos_id == 1 and hf.eos_id == 2
+    ids = hf.encode("sparse attention")
+    assert ids[0] == 1 and hf.decode(ids) == "sparse attention"
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(str(tmp_path / "missing"))
