@@ -123,9 +123,10 @@ def main() -> None:
                 report["decode"].append({"B": B, "context": T, "oom": True})
                 print(f"decode B={B} ctx={T}: out of memory", flush=True)
             torch.cuda.empty_cache()
-    lengths = list(map(int, a.prefill.split(",")))
-    report["prefill"]["sparse_chunked"] = longest_prefill(model, args, dtype, lengths, "sparse", 128)
-    report["prefill"]["dense_unchunked"] = longest_prefill(model, args, dtype, lengths, "dense", 1 << 30)
+    lengths = [int(x) for x in a.prefill.split(",") if x]
+    if lengths:
+        report["prefill"]["sparse_chunked"] = longest_prefill(model, args, dtype, lengths, "sparse", 128)
+        report["prefill"]["dense_unchunked"] = longest_prefill(model, args, dtype, lengths, "dense", 1 << 30)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
