@@ -65,9 +65,7 @@ class DSATracer:
         self.enabled = self.config.enabled
         self.counters = Counters()
         self._collector = StepCollector()
-        self._lock = threading.Lock()
         self._closed = False
-        self._sampled_cache: dict[int | str, bool] = {}
         self.processors: list[NonBlockingBatchSpanProcessor] = []
         if not self.enabled:
             return
@@ -113,12 +111,9 @@ class DSATracer:
             return True
         if rate <= 0.0:
             return False
-        got = self._sampled_cache.get(request_id)
-        if got is None:
-            h = hashlib.blake2b(f"{self.config.seed}:{request_id}".encode(), digest_size=8).digest()
-            got = int.from_bytes(h, "big") / 2.0 ** 64 < rate
-            self._sampled_cache[request_id] = got
-        return got
+        # recomputed (about a microsecond) rather than cached: a long-running server sees unboundedly many ids
+        h = hashlib.blake2b(f"{self.config.seed}:{request_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "big") / 2.0 ** 64 < rate
 
     # ------------------------------------------------------------------ request lifecycle
     def start_request(self, request_id: int | str, prompt_len: int = 0, *,

@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from dsa_otel import DSATracer, TraceConfig
 from dsa_otel.exporters import ShardedJsonlExporter, read_records
 from dsa_otel.exporters.receiver import TRACE_SERVICE, Receiver
+from conftest import free_port
 
 EXPORT = f"/{TRACE_SERVICE}/Export"
 
@@ -95,18 +96,8 @@ def _traced_program_with_otlp(tmp_path, endpoint, pause=None, steps=4):
     return tracer, worst, time.perf_counter() - t0
 
 
-def _free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_collector_down_at_start_never_blocks(tmp_path):
-    tracer, worst, total = _traced_program_with_otlp(tmp_path, f"http://127.0.0.1:{_free_port()}")
+    tracer, worst, total = _traced_program_with_otlp(tmp_path, f"http://127.0.0.1:{free_port()}")
     assert worst < 0.2 and total < 15
     st_ = tracer.tracing_stats()
     assert st_["export_errors"] + st_["spans_dropped"] > 0  # the loss is reported
@@ -326,7 +317,7 @@ def test_receive_command_shuts_down_gracefully(tmp_path):
     import signal
     import sys
 
-    gport, hport = _free_port(), _free_port()
+    gport, hport = free_port(), free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "dsa-otel")
     proc = subprocess.Popen([exe, "receive", "--out", str(tmp_path / "rx"), "--grpc-port", str(gport),
                              "--http-port", str(hport)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

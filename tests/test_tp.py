@@ -1,28 +1,20 @@
 """Tensor parallelism (gloo, 2 CPU processes): TP=2 equals TP=1, and every rank traces its own shards."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import free_port
 from dsa_otel.exporters import read_records
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_worker.py")
 
 
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def run_tp(world: int, out: str, ckpt: str | None = None) -> list[dict]:
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(port), out] + ([ckpt] if ckpt else []),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     for p in procs:

@@ -86,6 +86,21 @@ def _fig_png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _finish(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, *, xlog: bool = False,
+            unit_y: bool = False, legend_size: int | None = 7) -> str:
+    """Label, grid and legend an axis the same way in every plot, and return the figure as base64 PNG."""
+    if xlog:
+        ax.set_xscale("log")
+    if unit_y:
+        ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    return _fig_png(fig)
+
+
 def plots(runs: list[tuple[str, dict[str, Any], RunAnalysis]]) -> dict[str, str]:
     import matplotlib
 
@@ -102,13 +117,8 @@ def plots(runs: list[tuple[str, dict[str, Any], RunAnalysis]]) -> dict[str, str]
             nz = np.flatnonzero(sk.counts)
             lows = (nz.astype(np.int32) << sk._shift).view(np.float32)
             ax.step(np.maximum(lows, 0.5), cum[nz] / cum[-1], where="post", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("offset from the newest token (tokens)")
-    ax.set_ylabel("CDF")
-    ax.set_title("Recency of selected tokens")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out["offset_cdf"] = _fig_png(fig)
+    out["offset_cdf"] = _finish(fig, ax, "Recency of selected tokens", "offset from the newest token (tokens)",
+                                "CDF", xlog=True, legend_size=None)
     # overlap per layer
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, s, _ in runs:
@@ -117,13 +127,8 @@ def plots(runs: list[tuple[str, dict[str, Any], RunAnalysis]]) -> dict[str, str]
                 marker="o", ms=3, label=f"{label}: |S_t ∩ S_t-1| / |S_t|")
         ax.plot(xs, [r["jaccard_prev_step"] for r in s["per_layer"] if r["jaccard_prev_step"] is not None],
                 ls="--", label=f"{label}: Jaccard")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("overlap with previous step")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Temporal locality of touched blocks")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    out["overlap_per_layer"] = _fig_png(fig)
+    out["overlap_per_layer"] = _finish(fig, ax, "Temporal locality of touched blocks", "layer",
+                                       "overlap with previous step", unit_y=True)
     # hit rate vs budget
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, s, _ in runs:
@@ -132,26 +137,16 @@ def plots(runs: list[tuple[str, dict[str, Any], RunAnalysis]]) -> dict[str, str]
             continue
         for pol, style in (("lru", "-"), ("lfu", ":"), ("belady", "--")):
             ax.plot(c["budgets"], c[pol], style, marker=".", label=f"{label} {pol.upper()}")
-    ax.set_xscale("log")
-    ax.set_xlabel("HBM budget (blocks)")
-    ax.set_ylabel("hit rate")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Cache what-if")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    out["hit_rate_vs_budget"] = _fig_png(fig)
+    out["hit_rate_vs_budget"] = _finish(fig, ax, "Cache what-if", "HBM budget (blocks)", "hit rate", xlog=True,
+                                        unit_y=True)
     # working set over time
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, s, _ in runs:
         ws = s.get("working_set_blocks")
         if ws:
             ax.plot(ws["mean_by_step"], label=f"{label} (window {ws['window_steps']} steps)")
-    ax.set_xlabel("decode step of the request")
-    ax.set_ylabel("blocks (sum over layers)")
-    ax.set_title("Working set per request")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    out["working_set"] = _fig_png(fig)
+    out["working_set"] = _finish(fig, ax, "Working set per request", "decode step of the request",
+                                 "blocks (sum over layers)")
     # heat map of touched blocks
     for label, s, res in runs[:1]:
         hm = res.heatmap
