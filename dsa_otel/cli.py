@@ -27,8 +27,9 @@ def _demo_model(args: argparse.Namespace) -> tuple[TraceConfig, str]:
 
     from .model.config import preset
     from .model.dsa import build_model
-    from .model.generate import ByteTokenizer, generate
-    from .model.kv import PagedKVCache
+    from .model.engine import Engine, Request
+    from .model.generate import ByteTokenizer
+    from .model.tiers import TieredKVStore, TierSpec
     from .tracer import DSATracer
 
     block = args.kv_block_size if args.kv_block_size is not None else preset("tiny").kv_block_size
@@ -42,14 +43,16 @@ def _demo_model(args: argparse.Namespace) -> tuple[TraceConfig, str]:
                         "data", "sample_prompts.jsonl")
     with open(path) as f:
         prompts = [json.loads(line)["prompt"] for line in f if line.strip()][: args.num_requests]
-    cache = PagedKVCache(margs, num_blocks=1024)
-    with DSATracer(cfg) as tracer:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = list(range(start, min(start + args.batch_size, len(prompts))))
-            generate(model, cache, [tok.encode(prompts[i]) for i in batch], args.steps, tracer=tracer,
-                     request_ids=batch)
+    # a deliberately small HBM so that the tier model (C) shows traffic to DRAM and the remote pool
+    store = TieredKVStore((TierSpec("hbm", 48, 3350.0, 1.0), TierSpec("dram", 96, 50.0, 5.0),
+                           TierSpec("remote", None, 12.5, 50.0)), block_size=margs.kv_block_size)
+    with DSATracer(cfg, kv_fetch_model=store) as tracer:
+        engine = Engine(model, 1024, max_batch=args.batch_size, tracer=tracer, eos_id=None)
+        done = engine.run([Request(i, tok.encode(p), max_new_tokens=args.steps) for i, p in enumerate(prompts)])
+    hits = sum(1 for r in done if r.prefix_blocks)
     return cfg, f"{len(prompts)} sample prompts x {args.steps} new tokens on the tiny DSA model " \
-                f"({margs.n_layers} layers, top-k {margs.index_topk}, {margs.kv_block_size}-token blocks)"
+                f"({margs.n_layers} layers, top-k {margs.index_topk}, {margs.kv_block_size}-token blocks; " \
+                f"{hits} prefix-cache hits, tiers {store.occupancy()})"
 
 
 def _demo(args: argparse.Namespace) -> int:
