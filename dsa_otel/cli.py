@@ -3,6 +3,8 @@
     dsa-otel demo [--out DIR] ...     trace the tiny DSA model on bundled prompts (or --synthetic), report, analyze
     dsa-otel report RUN_DIR           print the report of a traced run (summary.json + a pass over the shards)
     dsa-otel recover RUN_DIR          make a killed run readable: trim torn tails, finalise .partial shards
+    dsa-otel run DATASET [--data P]   trace RULER / LongBench-v2 / ShareGPT / BurstGPT on the engine (--resume)
+    dsa-otel matrix ...               datasets x DATA sizes x GEN lengths, one folder per cell
     dsa-otel analyze RUN_DIR          locality, working sets, LRU/LFU/Belady what-if -> analysis.json, Parquet, HTML
     dsa-otel receive [--out DIR]      OTLP receiver (gRPC :4317, HTTP :4318 on 127.0.0.1) -> the same JSONL
 """
@@ -14,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -223,6 +225,87 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_options(args: argparse.Namespace, dataset: str, data: str) -> Any:
+    from .runners.driver import RunOptions
+
+    return RunOptions(dataset=dataset, data=data, out=args.out, run_name=getattr(args, "run_name", None),
+                      num_requests=args.num_requests, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                      kv_block_size=args.kv_block_size, detail=args.detail, exporter=args.exporter, model=args.model,
+                      seed=args.seed, resume=getattr(args, "resume", False), time_scale=args.time_scale,
+                      length=args.length, difficulty=args.difficulty, window=(args.window_start, args.window_end),
+                      device=args.device, progress=not args.quiet)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runners.base import MissingDataError
+    from .runners.driver import run
+
+    data = args.data or _default_data(args.dataset)
+    try:
+        res = run(_run_options(args, args.dataset, data))
+    except (MissingDataError, FileExistsError, ValueError) as exc:
+        print(f"dsa-otel run: {exc}", file=sys.stderr)
+        return 2
+    w, s = res["workload"], res["service"]
+    print(f"{args.dataset}: {res['requests_run']} requests traced -> {res['run_dir']}  (loaded {w['load']['loaded']}, "
+          f"skipped {w['load']['skipped_total']}, too long {w['filtered_too_long']}, "
+          f"already complete {w['resumed_completed']})")
+    if "e2e_s" in s:
+        print(f"latency p50/p95/p99 (s): TTFT {s['ttft_s']['p50']:.3f}/{s['ttft_s']['p95']:.3f}/{s['ttft_s']['p99']:.3f}"
+              f"  e2e {s['e2e_s']['p50']:.3f}/{s['e2e_s']['p95']:.3f}/{s['e2e_s']['p99']:.3f}"
+              f"  throughput {s['throughput_tokens_per_s']:.1f} tok/s")
+    return 0
+
+
+def _default_data(dataset: str) -> str:
+    """Bundled fixtures, so every dataset runs offline; pass --data for the real thing."""
+    fix = os.path.join(os.path.dirname(os.path.abspath(__import__("dsa_otel.runners", fromlist=["x"]).__file__)),
+                       "fixtures")
+    return {"ruler": os.path.join(fix, "ruler_niah_single_1.jsonl"),
+            "longbench-v2": os.path.join(fix, "longbench_v2_sample.json"),
+            "sharegpt": os.path.join(fix, "sharegpt_sample.json"),
+            "burstgpt": os.path.join(fix, "burstgpt_sample.csv")}[dataset]
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from .runners.driver import matrix
+
+    cells = [(d, (dict(x.split("=", 1) for x in args.data).get(d) if args.data else None) or _default_data(d))
+             for d in args.datasets.split(",")]
+    base = _run_options(args, cells[0][0], cells[0][1])
+    rows = matrix(cells, [int(x) for x in args.data_sizes.split(",")], [int(x) for x in args.gen_lengths.split(",")],
+                  base, continue_on_error=args.continue_on_error)
+    print(f"\n{'cell':36s} {'ok':>4s} {'requests':>9s} {'seconds':>8s}")
+    for r in rows:
+        print(f"{r['cell']:36s} {'yes' if r['ok'] else 'NO':>4s} {r.get('requests', 0):9d} {r['seconds']:8.1f}"
+              + ("" if r["ok"] else f"  {r['error']}"))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "matrix_summary.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="outputs")
+    p.add_argument("--num-requests", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="<= 0: until EOS; default: logged length or 16")
+    p.add_argument("--max-prompt-tokens", type=int, default=0, help="skip (and count) longer prompts; 0: context")
+    p.add_argument("--kv-block-size", type=int, default=None)
+    p.add_argument("--detail", choices=DETAIL_LEVELS, default="blocks")
+    p.add_argument("--exporter", choices=EXPORTERS, default="jsonl")
+    p.add_argument("--model", default="tiny", help="tiny | small | a converted checkpoint folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-scale", type=float, default=1.0, help="BurstGPT: replay arrivals this many times faster")
+    p.add_argument("--length", default=None, help="LongBench-v2: short | medium | long")
+    p.add_argument("--difficulty", default=None, help="LongBench-v2: easy | hard")
+    p.add_argument("--window-start", type=float, default=None, help="BurstGPT: first timestamp (s)")
+    p.add_argument("--window-end", type=float, default=None, help="BurstGPT: end timestamp (s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsa-otel", description="OpenTelemetry tracing for DeepSeek Sparse Attention")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -245,6 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     rc = sub.add_parser("recover", help="make a killed run readable (trim torn tails, finalise shards)")
     rc.add_argument("run_dir")
+    ru = sub.add_parser("run", help="trace a dataset on the reference engine (RULER, LongBench-v2, ShareGPT, BurstGPT)")
+    ru.add_argument("dataset", choices=("ruler", "longbench-v2", "sharegpt", "burstgpt"))
+    ru.add_argument("--data", default=None, help="dataset file/folder (default: the bundled fixture); "
+                    "ruler also takes synthetic:<tokens>")
+    ru.add_argument("--run-name", default=None)
+    ru.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
+    _add_run_args(ru)
+    mx = sub.add_parser("matrix", help="datasets x DATA sizes x GEN lengths, one run folder per cell")
+    mx.add_argument("--datasets", default="ruler,sharegpt")
+    mx.add_argument("--data", nargs="*", help="DATASET=PATH pairs (default: the bundled fixtures)")
+    mx.add_argument("--data-sizes", default="2,4")
+    mx.add_argument("--gen-lengths", default="4,8")
+    mx.add_argument("--continue-on-error", action="store_true")
+    _add_run_args(mx)
     an = sub.add_parser("analyze", help="locality metrics, cache what-if, Parquet tables and an HTML report")
     an.add_argument("run_dir", help="a run folder (any level) or a Collector OTLP-JSON file")
     an.add_argument("--out", default=None, help="default: <run_dir>/analysis")
@@ -287,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _receive(args)
         if args.cmd == "analyze":
             return _analyze(args)
+        if args.cmd == "run":
+            return _run(args)
+        if args.cmd == "matrix":
+            return _matrix(args)
     except ConfigError as exc:
         print(f"dsa-otel: configuration error: {exc}", file=sys.stderr)
         return 2

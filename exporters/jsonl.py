@@ -39,6 +39,7 @@ from .records import payload_of, step_records
 log = structlog.get_logger("dsa_otel.jsonl")
 
 RUN_META_SCHEMA_VERSION = 1
+COMPLETED_LOG = "completed_requests.jsonl"  # one {"request_id": N} line per request whose records are all written
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
 
@@ -95,6 +96,7 @@ class ShardedJsonlExporter(SpanExporter):
         self.width = config.max_requests_per_file
         self.stats_provider = stats_provider
         self.payload_source: Callable[[int], Any] | None = None  # set by DSATracer: decoded payload by span id
+        self.completion_log = bool(config.extra.get("completion_log", False))
         if config.compression == "zstd":
             import zstandard  # noqa: F401  (fail early with a clear ImportError)
         os.makedirs(self.run_dir, exist_ok=True)
@@ -192,6 +194,15 @@ class ShardedJsonlExporter(SpanExporter):
                     self._shard(shard).append(data, per_shard_lines[shard])
                     self.lines_written += per_shard_lines[shard]
                     self.bytes_written += len(data)
+                if finished and self.completion_log:
+                    # after this batch's lines are written: these requests are complete on disk (resume skips them)
+                    data = b"".join(orjson.dumps({"request_id": rid}) + b"\n" for rid in finished if rid >= 0)
+                    fd = os.open(os.path.join(self.run_dir, COMPLETED_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                 0o644)
+                    try:
+                        os.write(fd, data)
+                    finally:
+                        os.close(fd)
                 closed_any = False
                 for rid in finished:
                     if rid < 0:

@@ -165,6 +165,7 @@ class Engine:
         self.chunk = chunk
         self.time_scale = time_scale
         self.steps = 0
+        self.on_finish: Any = None  # called with each finished Request (progress bars)
 
     # ------------------------------------------------------------------ blocks
     def _release_sequence(self, rid: Any) -> None:
@@ -288,3 +289,5 @@ class Engine:
                 "dsa.prefix_blocks": req.prefix_blocks, "dsa.queue_s": t["queue_s"], "dsa.ttft_s": t["ttft_s"],
                 "dsa.tpot_s": t["tpot_s"], "dsa.e2e_s": t["e2e_s"]})
         done.append(req)
+        if self.on_finish is not None:
+            self.on_finish(req)
