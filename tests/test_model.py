@@ -239,3 +239,10 @@ def test_tokenizers(tmp_path):
     assert ids[0] == 1 and hf.decode(ids) == "sparse attention"
     with pytest.raises(FileNotFoundError):
         load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_moe_dense_and_sparse_routing_agree(model):
+    moe = next(layer.ffn for layer in model.layers if hasattr(layer.ffn, "gate"))
+    x = torch.randn(10, ARGS.dim)
+    w, idx = moe.gate(x)
+    assert torch.allclose(moe._routed_dense(x, w, idx), moe._routed_sparse(x, w, idx), atol=1e-5)
