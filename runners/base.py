@@ -54,3 +54,17 @@ def require(path: str, dataset: str, how: str) -> None:
 
     if not os.path.exists(path):
         raise MissingDataError(f"{dataset} data not found at {path!r}. {how}")
+
+
+def load_json_list(path: str, dataset: str, what: str) -> list:
+    """A dataset file that must be one JSON list; anything else is a clear error naming the file."""
+    import json
+
+    with open(path, "rb") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not {dataset} JSON: {exc}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of {what}")
+    return rows

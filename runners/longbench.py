@@ -6,9 +6,7 @@ Get the data: the ``data.json`` of THUDM/LongBench-v2 (also published as the zai
 
 from __future__ import annotations
 
-import json
-
-from .base import LoadReport, WorkloadRequest, require
+from .base import LoadReport, WorkloadRequest, load_json_list, require
 
 HOW = "Download data.json of LongBench-v2 (THUDM/LongBench-v2) and pass it with --data."
 
@@ -40,13 +38,7 @@ def load(path: str, report: LoadReport | None = None, length: str | None = None,
          difficulty: str | None = None) -> list[WorkloadRequest]:
     report = report or LoadReport("longbench-v2")
     require(path, "LongBench-v2", HOW)
-    with open(path, "rb") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not LongBench-v2 JSON: {exc}") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of questions")
+    rows = load_json_list(path, "LongBench-v2", "questions")
     out: list[WorkloadRequest] = []
     for n, row in enumerate(rows):
         report.rows += 1

@@ -7,9 +7,7 @@ Get the data: e.g. ``ShareGPT_V3_unfiltered_cleaned_split.json`` (anon8231489123
 
 from __future__ import annotations
 
-import json
-
-from .base import LoadReport, WorkloadRequest, require
+from .base import LoadReport, WorkloadRequest, load_json_list, require
 
 HOW = "Download a ShareGPT JSON (e.g. ShareGPT_V3_unfiltered_cleaned_split.json) and pass it with --data."
 ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "chatgpt": "Assistant", "assistant": "Assistant",
@@ -19,13 +17,9 @@ ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "chatgpt": "Assist
 def load(path: str, report: LoadReport | None = None, max_turns: int | None = None) -> list[WorkloadRequest]:
     report = report or LoadReport("sharegpt")
     require(path, "ShareGPT", HOW)
-    with open(path, "rb") as f:
-        try:
-            convs = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not ShareGPT JSON: {exc}") from None
+    convs = load_json_list(path, "ShareGPT", "conversations")
     out: list[WorkloadRequest] = []
-    for n, conv in enumerate(convs if isinstance(convs, list) else []):
+    for n, conv in enumerate(convs):
         report.rows += 1
         where = f"{path}[{n}]"
         turns = conv.get("conversations") if isinstance(conv, dict) else None

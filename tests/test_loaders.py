@@ -88,6 +88,9 @@ def test_sharegpt_turns_extend_the_previous_prompt(tmp_path):
     rep = LoadReport("sharegpt")
     assert len(sharegpt.load(str(tmp_path / "sg.json"), rep)) == 5
     assert rep.skipped == {"no conversations": 1, "malformed turn": 1}
+    (tmp_path / "obj.json").write_text('{"conversations": []}')
+    with pytest.raises(ValueError, match="expected a JSON list of conversations"):
+        sharegpt.load(str(tmp_path / "obj.json"))
 
 
 def test_burstgpt_arrivals_lengths_and_window(tmp_path):
