@@ -36,17 +36,13 @@ class FetchBatch:
     tokens: np.ndarray
     unique_blocks: np.ndarray
     block_runs: np.ndarray
-    blocks: Ragged | None
+    blocks: Ragged
     physical: bool
     block_size: int
 
 
 @runtime_checkable
 class KVFetchModel(Protocol):
-    #: True when ``account`` reads ``FetchBatch.blocks`` (the tracer then copies block ids to the host even at
-    #: ``summary`` detail).
-    needs_blocks: bool
-
     def account(self, batch: FetchBatch) -> dict[str, dict[str, np.ndarray]]:
         """Per tier name, per field of TIER_FIELDS, one value per row."""
         ...
@@ -55,8 +51,6 @@ class KVFetchModel(Protocol):
 class HBMOnlyFetchModel:
     """Everything resident in HBM: bytes = selected tokens x bytes per token; one read op per run of
     consecutive blocks; latency = ops x op_latency + bytes / bandwidth."""
-
-    needs_blocks = False
 
     def __init__(self, kv_bytes_per_token: int = 656, bandwidth_gbps: float = 3350.0, op_latency_us: float = 1.0):
         self.kv_bytes_per_token = kv_bytes_per_token

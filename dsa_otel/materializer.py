@@ -328,7 +328,6 @@ class Materializer:
         step_rows = None
         if any(g.steps is not None for g in groups):
             step_rows = self._per_row(groups, [g.steps for g in groups], row_group, row_bpos)
-        seq_col = seq_rows
         blk_off = np.concatenate(([0], np.cumsum(unique_blocks)))
         pos_off = np.concatenate(([0], np.cumsum(st_all.valid_lengths)))
         flat_pos = pos_np[st_all.valid_mask] if cfg.wants_positions else None
@@ -367,7 +366,7 @@ class Materializer:
                 physical_block_ids=Ragged(*kw["physical_block_ids"]) if "physical_block_ids" in kw else None,
                 scores=kw.get("scores_f16"), offset_hist_mbits=OFFSET_HIST_MBITS,
                 offset_hist_buckets=kw["offset_hist"][1], offset_hist_counts=kw["offset_hist"][2])
-            seq_len = int(seq_col[a])
+            seq_len = int(seq_rows[a])
             step_idx = int(step_rows[a]) if step_rows is not None else seq_len - 1
             ub = slab[:, col["unique_blocks"]]
             attrs: dict[str, Any] = {

@@ -35,6 +35,7 @@ class BlockPool(BlockAllocator):
         self.ref = [0] * num_blocks
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref 0, LRU order
         self.on_evict: Any = None  # PrefixCache drops its entry for a reclaimed block
+        self.is_cached: Any = lambda block: False  # PrefixCache: does this block hold a cached prefix?
         self.evictions = 0
 
     def allocate(self) -> int:
@@ -55,12 +56,12 @@ class BlockPool(BlockAllocator):
             self.evictable.pop(b, None)
         self.ref[b] += 1
 
-    def release(self, b: int, cached: bool = False) -> None:
+    def release(self, b: int) -> None:
         if self.ref[b] <= 0:
             raise RuntimeError(f"block {b} released more often than referenced")
         self.ref[b] -= 1
         if self.ref[b] == 0:
-            if cached:
+            if self.is_cached(b):  # keeps its KV for a later prefix hit until the memory is needed
                 self.evictable[b] = None
             else:
                 self.free.append(b)
@@ -83,6 +84,7 @@ class PrefixCache:
         self.by_key: dict[bytes, int] = {}
         self.key_of: dict[int, bytes] = {}
         pool.on_evict = self._evicted
+        pool.is_cached = self.is_cached
         self.hits = 0
         self.queries = 0
 
@@ -167,17 +169,11 @@ class Engine:
         self.steps = 0
         self.on_finish: Any = None  # called with each finished Request (progress bars)
 
-    # ------------------------------------------------------------------ blocks
-    def _release_sequence(self, rid: Any) -> None:
-        for b in self.cache.tables.pop(rid, []):
-            self.pool.release(b, cached=self.prefix is not None and self.prefix.is_cached(b))
-        self.cache.lengths.pop(rid, None)
-
+    # ------------------------------------------------------------------ requests
     def _admit(self, req: Request, now: float) -> None:
         req.t_admit = now
         blocks, keys = self.prefix.match(req.prompt) if self.prefix is not None else ([], [])
-        self.cache.tables[req.request_id] = list(blocks)
-        self.cache.lengths[req.request_id] = len(blocks) * self.args.kv_block_size
+        self.cache.add_sequence(req.request_id, blocks)
         req.prefix_blocks = len(blocks)
         if self.tracer is not None:
             self.tracer.start_request(req.request_id, len(req.prompt))
@@ -281,7 +277,7 @@ class Engine:
     def _finish(self, req: Request, reason: str, done: list[Request]) -> None:
         req.finish_reason = reason
         req.t_done = self._now()
-        self._release_sequence(req.request_id)
+        self.cache.free(req.request_id)
         if self.tracer is not None:
             t = req.timings()
             self.tracer.end_request(req.request_id, {

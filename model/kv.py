@@ -58,11 +58,13 @@ class PagedKVCache:
         self.lengths: dict[object, int] = {}
 
     # ------------------------------------------------------------------ sequences
-    def add_sequence(self, seq_id: object) -> None:
+    def add_sequence(self, seq_id: object, shared_blocks: list[int] | None = None) -> None:
+        """Start a sequence; ``shared_blocks`` are already-filled full blocks it reuses (a prefix-cache hit,
+        referenced by the caller), so its length starts after them."""
         if seq_id in self.tables:
             raise ValueError(f"sequence {seq_id!r} already has a block table")
-        self.tables[seq_id] = []
-        self.lengths[seq_id] = 0
+        self.tables[seq_id] = list(shared_blocks or [])
+        self.lengths[seq_id] = len(self.tables[seq_id]) * self.block_size
 
     def reserve(self, seq_id: object, n_tokens: int) -> None:
         """Make room for ``n_tokens`` more tokens (allocating blocks as needed)."""
@@ -75,6 +77,7 @@ class PagedKVCache:
         self.lengths[seq_id] += n_tokens
 
     def free(self, seq_id: object) -> None:
+        """Release the sequence's blocks (the allocator decides what a released block becomes)."""
         for b in self.tables.pop(seq_id, []):
             self.allocator.release(b)
         self.lengths.pop(seq_id, None)

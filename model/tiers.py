@@ -52,8 +52,6 @@ class _Tier:
 class TieredKVStore:
     """Deterministic tier accounting; see the module docstring."""
 
-    needs_blocks = True
-
     def __init__(self, tiers: tuple[TierSpec, ...] = DEFAULT_TIERS, policy: str = "lru", block_size: int = 64,
                  kv_bytes_per_token: int = 656, window: int = 8) -> None:
         if policy not in ("lru", "lfu", "indexer"):
@@ -158,8 +156,7 @@ class TieredKVStore:
         R = batch.row_request.size
         out = {t.spec.name: {f: np.zeros(R) for f in ("bytes_read", "read_ops", "hit_blocks", "latency_us")}
                for t in self.tiers}
-        offsets = batch.blocks.offsets if batch.blocks is not None else np.zeros(R + 1, np.int64)
-        values = batch.blocks.values if batch.blocks is not None else np.zeros(0, np.int64)
+        offsets, values = batch.blocks.offsets, batch.blocks.values
         for r in range(R):
             stats = self.touch(int(batch.layer_ids[r]), values[offsets[r]:offsets[r + 1]], int(batch.tokens[r]))
             for name, d in stats.items():

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -126,7 +125,7 @@ def traced_sliding_run(out_dir, W=8, steps=20, layers=3, n_requests=4, block_siz
 def test_analyze_command_on_a_traced_run(tmp_path):
     import pyarrow.parquet as pq
 
-    cfg = traced_sliding_run(str(tmp_path))
+    traced_sliding_run(str(tmp_path))
     out = tmp_path / "an"
     exe = os.path.join(os.path.dirname(sys.executable), "dsa-otel")
     res = subprocess.run([exe, "analyze", os.path.join(str(tmp_path), "slide"), "--out", str(out), "--window", "4",
@@ -160,7 +159,7 @@ def test_analyze_command_on_a_traced_run(tmp_path):
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 5 and "data:image/png;base64," in html
     # --compare puts a second run beside the first
-    cfg2 = traced_sliding_run(str(tmp_path / "b"), W=4)
+    traced_sliding_run(str(tmp_path / "b"), W=4)
     res = subprocess.run([exe, "analyze", os.path.join(str(tmp_path), "slide"), "--compare",
                           os.path.join(str(tmp_path / "b"), "slide"), "--out", str(tmp_path / "cmp"), "--quiet"],
                          capture_output=True, text=True, timeout=300)

@@ -3,7 +3,6 @@
 Runs only where a GPU is present (the device machine; see bench/results/ for the recorded runs). CI has no GPU,
 so these are not part of CI's coverage."""
 
-import os
 
 import numpy as np
 import pytest

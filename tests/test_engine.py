@@ -4,11 +4,9 @@ continuous batching; and a traced shared-prefix run showing both in the JSONL.""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from dsa_otel import DSATracer, TraceConfig
@@ -90,14 +88,11 @@ def test_block_table_invariants(ops):
         if op == "admit":
             prompt = prefixes[k][:extra] + [7] * (extra % 5)
             blocks, _ = pc.match(prompt)
-            cache.tables[next_id] = list(blocks)
-            cache.lengths[next_id] = len(blocks) * BS
+            cache.add_sequence(next_id, blocks)
             try:
                 cache.reserve(next_id, len(prompt) - cache.lengths[next_id])
             except OutOfBlocks:
-                for b in cache.tables.pop(next_id):
-                    pool.release(b, cached=pc.is_cached(b))
-                cache.lengths.pop(next_id)
+                cache.free(next_id)
                 continue
             cache.advance(next_id, len(prompt) - cache.lengths[next_id])
             pc.register(prompt, cache.tables[next_id])
@@ -105,9 +100,7 @@ def test_block_table_invariants(ops):
             next_id += 1
         elif live:
             rid = sorted(live)[k % len(live)]
-            for b in cache.tables.pop(rid):
-                pool.release(b, cached=pc.is_cached(b))
-            cache.lengths.pop(rid)
+            cache.free(rid)
             del live[rid]
         # invariants
         refs = [0] * 24
@@ -133,7 +126,7 @@ def test_eviction_respects_reference_counts():
     held = [pool.allocate() for _ in range(3)]
     pc.register(a, held)
     for b in held[:2]:
-        pool.release(b, cached=True)  # two cached blocks become evictable; the third stays referenced
+        pool.release(b)  # two cached blocks become evictable; the third stays referenced
     assert list(pool.evictable) == held[:2]
     others = [pool.allocate() for _ in range(4)]  # 3 free + 1 reclaimed (the least recently released)
     assert held[0] in others and held[2] not in others and pool.evictions == 1

@@ -4,9 +4,7 @@ configs, and the tracer hook (A with B) producing records that match the model's
 from __future__ import annotations
 
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -192,7 +190,7 @@ def test_tracing_the_model_records_its_own_selections(model, tmp_path):
         return orig(layer_id, topk, seq_lens, rids, step, scores, block_table)
     tracer.record_topk = spy
     cache = PagedKVCache(ARGS, 64)
-    res = generate(model, cache, prompts, 5, tracer=tracer, request_ids=[0, 1])
+    generate(model, cache, prompts, 5, tracer=tracer, request_ids=[0, 1])
     tracer.shutdown()
     recs = {(r["request_id"], r["step_idx"], r["layer_id"]): r for r in read_records(str(tmp_path / "m"))}
     assert len(recs) == 2 * (5 - 1) * ARGS.n_layers  # first new token comes from prefill; 4 decode steps each

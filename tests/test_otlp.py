@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import subprocess
-import threading
 import time
 from concurrent import futures
 
