@@ -54,7 +54,7 @@ class StepCapture:
     event: Any = None              # torch.cuda.Event recorded after the snapshot, or None on CPU
     kv_reports: list[KVReport] = field(default_factory=list)
     phase: str = "decode"
-    buffer: torch.Tensor | None = None  # the SnapshotRing buffer behind ``indices``, returned after use
+    buffer: Any = None             # the SnapshotRing buffer (or worker slot) behind ``indices``, returned after use
 
 
 class SnapshotRing:

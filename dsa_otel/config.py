@@ -22,11 +22,13 @@ DetailLevel = Literal["summary", "blocks", "full"]
 ExporterChoice = Literal["jsonl", "otlp", "both", "none"]
 OtlpProtocol = Literal["grpc", "http/protobuf"]
 Compression = Literal["none", "zstd"]
+WorkerKind = Literal["thread", "process"]
 
 DETAIL_LEVELS: tuple[str, ...] = ("summary", "blocks", "full")
 EXPORTERS: tuple[str, ...] = ("jsonl", "otlp", "both", "none")
 OTLP_PROTOCOLS: tuple[str, ...] = ("grpc", "http/protobuf")
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd")
+WORKERS: tuple[str, ...] = ("thread", "process")
 
 # Historical DS_TRACE_* names of the seed's trace.py that are not simply DS_TRACE_<FIELD>.
 # Each maps to (field, value transform). Boolean switches become detail / store_scores.
@@ -67,6 +69,11 @@ class TraceConfig:
         compression: ``zstd`` compresses shards (``.jsonl.zst``, one frame per batch, readable after a crash).
         ring_slots: capture slots in flight between the model thread and the materializer; when all are busy
             the step is dropped and counted rather than waiting.
+        worker: where statistics, span building and export run. ``thread``: a background thread of the traced
+            process (no start-up cost; fine on the CPU). ``process``: a worker process (``python -m
+            dsa_otel.worker``) fed through shared memory, so that tracing's Python work no longer competes with
+            the model's kernel launches for the GIL (the GPU choice, see docs/performance.md). Spans from the
+            worker carry the same trace ids; data already handed over survives a crash of the traced process.
         max_queue_size / max_export_batch_size / schedule_delay_ms / export_timeout_ms: span processor bounds.
         kv_bytes_per_token: bytes of KV cache one token occupies in one layer (DeepSeek-V3.2: 656 = 512 FP8
             latent + 16 scale bytes + 64 bf16 RoPE dims); used by the default HBM fetch-cost model.
@@ -93,6 +100,7 @@ class TraceConfig:
     compression: Compression = "none"
     payload_chunk_bytes: int = 32000
     ring_slots: int = 8
+    worker: WorkerKind = "thread"
     max_queue_size: int = 4096
     max_export_batch_size: int = 256
     schedule_delay_ms: int = 200
@@ -264,6 +272,7 @@ def _validate(c: TraceConfig) -> None:
          f"must be one of {', '.join(OTLP_PROTOCOLS)}")
     need(c.compression in COMPRESSIONS, "compression", f"must be one of {', '.join(COMPRESSIONS)}")
     need(c.ring_slots >= 1, "ring_slots", "must be >= 1")
+    need(c.worker in WORKERS, "worker", f"must be one of {', '.join(WORKERS)}")
     need(c.max_queue_size >= 1, "max_queue_size", "must be >= 1")
     need(1 <= c.max_export_batch_size <= c.max_queue_size, "max_export_batch_size",
          "must be within [1, max_queue_size]")

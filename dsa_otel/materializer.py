@@ -477,12 +477,12 @@ class Materializer:
 
 
 def _wait(stream: Any) -> None:
-    """Wait for a side stream's work by polling an event: ``query()`` never synchronises the device, and the sleep
-    releases the GIL, so the model thread is never held up by this background wait."""
-    ev = torch.cuda.Event()
+    """Wait for a side stream's work on a blocking-sync event: only this background thread sleeps (the model's
+    stream is not synchronised), and torch releases the GIL while it waits, so the model thread keeps launching.
+    (Polling ``query()`` in a sleep loop instead costs a GIL hand-over every wake-up.)"""
+    ev = torch.cuda.Event(blocking=True)
     ev.record(stream)
-    while not ev.query():
-        time.sleep(0.0001)
+    ev.synchronize()
 
 
 def _host(x: Any) -> np.ndarray:

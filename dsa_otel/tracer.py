@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from . import semconv as sc
 from .capture import KVReport, SnapshotRing, StepCollector
-from .config import TraceConfig
+from .config import ConfigError, TraceConfig
 from .ids import RequestTraceIdGenerator, trace_id_for_request
 from .kvfetch import TIER_FIELDS, KVFetchModel
 from .materializer import Counters, Materializer, remote_parent_link
@@ -77,6 +77,17 @@ class DSATracer:
                sc.RES_WORLD_SIZE: cfg.world_size, sc.RES_KV_BLOCK_SIZE: cfg.kv_block_size,
                sc.RES_DETAIL: cfg.detail, sc.RES_DATASET: cfg.dataset}
         res.update(resource_attributes or {})
+        if cfg.worker == "process":
+            if exporters is not None:
+                raise ConfigError("worker='process' builds its exporters from the config inside the worker "
+                                  "process; pass exporters= only with worker='thread'")
+            from .worker import ProcessMaterializer  # local import: only process mode needs it
+
+            self.provider = None
+            self.materializer = ProcessMaterializer(cfg, kv_fetch_model, self.counters, self._slots.release,
+                                                    self._ring.release, dict(resource_attributes or {}))
+            self._register_metrics(meter_provider)
+            return
         self.provider = TracerProvider(resource=Resource.create(res), id_generator=self.id_generator)
         if exporters is None:
             from .exporters import build_exporters  # local import: the exporters package imports dsa_otel
@@ -224,7 +235,7 @@ class DSATracer:
         deadline = time.monotonic() + timeout_s
         done = threading.Event()
         self.materializer.queue.put(("flush", done))
-        ok = done.wait(timeout_s)
+        ok = done.wait(timeout_s) and getattr(self.materializer, "alive", True)
         for p in self.processors:
             left = max(0.0, deadline - time.monotonic())
             ok = p.force_flush(int(left * 1000)) and ok
@@ -253,6 +264,10 @@ class DSATracer:
     # ------------------------------------------------------------------ observability of the tracer itself
     def tracing_stats(self) -> dict[str, int]:
         """Counters of the pipeline: steps captured / dropped / failed, spans dropped / exported, export errors."""
+        if self.enabled and self.config.worker == "process":
+            out = self.materializer.stats()
+            out["pid"] = os.getpid()
+            return out
         out = self.counters.as_dict()
         for p in self.processors:
             for k, v in p.counters().items():

@@ -14,9 +14,9 @@ from dsa_otel.exporters import read_records
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _run(out_dir, device, detail, sync_check=False):
-    cfg = TraceConfig(out_dir=out_dir, run_name=f"r-{device}", detail=detail, store_scores=True, ring_slots=64,
-                      kv_block_size=16)
+def _run(out_dir, device, detail, sync_check=False, worker="thread"):
+    cfg = TraceConfig(out_dir=out_dir, run_name=f"r-{device}-{worker}", detail=detail, store_scores=True,
+                      ring_slots=64, kv_block_size=16, worker=worker)
     tracer = DSATracer(cfg)
     rng = np.random.default_rng(0)
     rids = [0, 1, 2]
@@ -41,16 +41,20 @@ def _run(out_dir, device, detail, sync_check=False):
     return tracer, [{k: v for k, v in r.items() if k != "trace_id"} for r in read_records(cfg.run_dir)]
 
 
+@pytest.mark.parametrize("worker", ["thread", "process"])
 @pytest.mark.parametrize("detail", ["summary", "blocks", "full"])
-def test_cuda_records_equal_cpu_records(tmp_path, detail):
+def test_cuda_records_equal_cpu_records(tmp_path, detail, worker):
     _, cpu = _run(str(tmp_path), "cpu", detail)
-    tr, gpu = _run(str(tmp_path), "cuda", detail)
-    assert tr.counters.steps_failed == 0 and tr.counters.steps_captured == 5
+    tr, gpu = _run(str(tmp_path), "cuda", detail, worker=worker)
+    stats = tr.tracing_stats()
+    assert stats["steps_failed"] == 0 and stats["steps_captured"] == 5
     key = lambda r: (r["request_id"], r["step_idx"], r["layer_id"])  # noqa: E731
     assert sorted(cpu, key=key) == sorted(gpu, key=key)
 
 
-def test_model_thread_never_synchronises(tmp_path):
-    tr, recs = _run(str(tmp_path), "cuda", "full", sync_check=True)
-    assert tr.counters.steps_failed == 0 and tr.counters.steps_captured == 5
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_model_thread_never_synchronises(tmp_path, worker):
+    tr, recs = _run(str(tmp_path), "cuda", "full", sync_check=True, worker=worker)
+    stats = tr.tracing_stats()
+    assert stats["steps_failed"] == 0 and stats["steps_captured"] == 5
     assert len(recs) == 5 * 4 * 3

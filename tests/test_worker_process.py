@@ -1,0 +1,174 @@
+"""worker="process": the statistics / spans / export pipeline in a separate process, fed through shared memory.
+
+Checked with real processes, real shared-memory files and real shards: records identical to thread mode, drops
+decided (and reported) by the traced process, a dead worker never blocks the traced program, and a killed traced
+process still leaves valid shards behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dsa_otel import ConfigError, DSATracer, TraceConfig
+from dsa_otel.exporters import ShardedJsonlExporter, read_records, recover_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def drive(tracer: DSATracer, *, n=6, batch=3, steps=4, layers=3, K=48, seed=0, scores=True, prefix=True) -> int:
+    """An engine-like workload; returns the number of (request, step, layer) rows fed."""
+    rng = np.random.default_rng(seed)
+    ids = list(range(n))
+    prompt = {r: int(rng.integers(20, 200)) for r in ids}
+    tables = {r: rng.permutation(1000)[:16] for r in ids}
+    rows = 0
+    for r in ids:
+        tracer.start_request(r, prompt[r])
+        if prefix and r == 1:
+            tracer.record_prefix(r, cached_blocks=3, physical_block_ids=tables[r][:3].tolist())
+    for s0 in range(0, n, batch):
+        group = ids[s0:s0 + batch]
+        for s in range(steps):
+            seq = np.array([prompt[r] + s for r in group])
+            bt = torch.from_numpy(np.stack([tables[r] for r in group]))
+            for layer in range(layers):
+                raw = np.stack([rng.choice(max(x, K), size=K, replace=False) for x in seq])
+                raw[raw >= seq[:, None]] = -1
+                sc = torch.from_numpy(rng.standard_normal(raw.shape).astype(np.float32)) if scores else None
+                tracer.record_topk(layer, torch.from_numpy(raw), torch.from_numpy(seq), group, block_table=bt,
+                                   scores=sc)
+                rows += len(group)
+            tracer.end_step()
+        for r in group:
+            tracer.end_request(r)
+    return rows
+
+
+def records(path: str) -> list[dict]:
+    return sorted(read_records(path), key=lambda r: (r["request_id"], r["step_idx"], r["layer_id"]))
+
+
+@pytest.mark.parametrize("detail", ["summary", "full"])
+def test_process_worker_writes_the_records_of_thread_mode(tmp_path, detail):
+    out = {}
+    for worker in ("thread", "process"):
+        cfg = TraceConfig(out_dir=str(tmp_path / worker), run_name="r", detail=detail, store_scores=True,
+                          kv_block_size=16, worker=worker, ring_slots=64)
+        tracer = DSATracer(cfg)
+        fed = drive(tracer)
+        assert tracer.flush(timeout_s=60)
+        stats = tracer.tracing_stats()
+        tracer.shutdown()
+        assert stats["steps_captured"] == 8 and stats["steps_dropped"] == 0 and stats["rows_traced"] == fed
+        out[worker] = records(str(tmp_path / worker / "r"))
+        if worker == "process":
+            assert stats["worker_pid"] != os.getpid()
+            summary = json.load(open(tmp_path / worker / "r" / "block16" / "summary.json"))
+            assert summary["tracing"]["steps_captured"] == 8
+    assert len(out["process"]) == 72
+    assert out["process"] == out["thread"]  # every field, trace ids included
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"dsa-otel-{os.getpid()}-")]
+
+
+def test_process_worker_refuses_explicit_exporters(tmp_path):
+    cfg = TraceConfig(out_dir=str(tmp_path), worker="process")
+    with pytest.raises(ConfigError, match="worker='process'"):
+        DSATracer(cfg, exporters=[ShardedJsonlExporter(cfg)])
+    with pytest.raises(ConfigError, match="DSA_OTEL_WORKER"):
+        TraceConfig.from_env({"DSA_OTEL_WORKER": "fiber"})
+    assert TraceConfig.from_env({"DSA_OTEL_WORKER": "process"}).worker == "process"
+
+
+def test_stalled_worker_makes_steps_drop_and_the_count_reaches_summary(tmp_path):
+    """A worker that cannot keep up (here: stopped) fills the ring; further steps are dropped at once, and the
+    drop count decided in the traced process is what summary.json reports."""
+    cfg = TraceConfig(out_dir=str(tmp_path), run_name="r", kv_block_size=16, worker="process", ring_slots=2)
+    tracer = DSATracer(cfg)
+    assert tracer.flush(timeout_s=60)  # the worker is up
+    pid = tracer.tracing_stats()["worker_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        fed_steps = 0
+        t0 = time.monotonic()
+        kept = []
+        for s in range(20):
+            tracer.record_topk(0, torch.arange(32).view(1, 32), torch.tensor([100 + s]), [7])
+            kept.append(tracer.end_step())
+            fed_steps += 1
+        assert time.monotonic() - t0 < 10  # never waits for the worker
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    tracer.end_request(7)
+    tracer.shutdown(timeout_s=60)
+    stats = tracer.tracing_stats()
+    assert stats["steps_dropped"] == kept.count(False) >= 18 - cfg.ring_slots
+    assert stats["steps_captured"] == kept.count(True)
+    summary = json.load(open(tmp_path / "r" / "block16" / "summary.json"))
+    assert summary["tracing"]["steps_dropped"] == stats["steps_dropped"]
+    assert len(records(str(tmp_path / "r"))) == kept.count(True)
+
+
+def test_killed_worker_never_blocks_the_traced_program(tmp_path):
+    cfg = TraceConfig(out_dir=str(tmp_path), run_name="r", kv_block_size=16, worker="process", ring_slots=4)
+    tracer = DSATracer(cfg)
+    drive(tracer, n=3, steps=2)
+    assert tracer.flush(timeout_s=60)
+    os.kill(tracer.tracing_stats()["worker_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while tracer.tracing_stats()["worker_alive"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    for s in range(50):  # more steps than ring slots: none may wait for the dead worker
+        tracer.record_topk(0, torch.arange(32).view(1, 32), torch.tensor([300 + s]), [9])
+        tracer.end_step()
+    tracer.end_request(9)
+    assert not tracer.flush(timeout_s=5)
+    tracer.shutdown(timeout_s=10)
+    assert time.monotonic() - t0 < 30
+    stats = tracer.tracing_stats()
+    assert stats["worker_alive"] == 0
+    assert stats["steps_failed"] + stats["steps_dropped"] == 50 and stats["steps_failed"] >= 1
+    recover_run(str(tmp_path / "r"))  # the worker was killed before finalising: recover its shards
+    recs = records(str(tmp_path / "r"))
+    assert {(r["request_id"], r["layer_id"]) for r in recs} >= {(0, 0), (1, 2), (2, 1)}
+    assert all(r["request_id"] != 9 for r in recs)
+
+
+def test_worker_finishes_the_shards_when_the_traced_process_is_killed(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+        from test_worker_process import drive
+        from dsa_otel import DSATracer, TraceConfig
+        tracer = DSATracer(TraceConfig(out_dir={str(tmp_path)!r}, run_name="r", kv_block_size=16,
+                                       worker="process", ring_slots=64))
+        drive(tracer)
+        tracer.flush(timeout_s=60)
+        print(tracer.tracing_stats()["worker_pid"], flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    worker_pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the worker did not finish after its traced process died")
+    run = tmp_path / "r" / "block16"
+    assert not [f for f in os.listdir(run) if f.endswith(".partial")]  # finalised by the worker itself
+    assert len(records(str(tmp_path / "r"))) == 72
+    assert os.path.exists(run / "summary.json")
