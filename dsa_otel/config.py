@@ -69,11 +69,15 @@ class TraceConfig:
         compression: ``zstd`` compresses shards (``.jsonl.zst``, one frame per batch, readable after a crash).
         ring_slots: capture slots in flight between the model thread and the materializer; when all are busy
             the step is dropped and counted rather than waiting.
+        trace_prefill: also trace A during prefill: for every prefill chunk, the top-k of its last query (one
+            ``phase="prefill"`` step per chunk, span ``dsa.prefill_chunk``); ``dsa-otel analyze`` keeps them apart
+            from decode.
         worker: where statistics, span building and export run. ``thread``: a background thread of the traced
             process (no start-up cost; fine on the CPU). ``process``: a worker process (``python -m
             dsa_otel.worker``) fed through shared memory, so that tracing's Python work no longer competes with
             the model's kernel launches for the GIL (the GPU choice, see docs/performance.md). Spans from the
             worker carry the same trace ids; data already handed over survives a crash of the traced process.
+            A ``kv_fetch_model`` is pickled into the worker, so its state evolves there, not in the caller's copy.
         max_queue_size / max_export_batch_size / schedule_delay_ms / export_timeout_ms: span processor bounds.
         kv_bytes_per_token: bytes of KV cache one token occupies in one layer (DeepSeek-V3.2: 656 = 512 FP8
             latent + 16 scale bytes + 64 bf16 RoPE dims); used by the default HBM fetch-cost model.
@@ -100,6 +104,7 @@ class TraceConfig:
     compression: Compression = "none"
     payload_chunk_bytes: int = 32000
     ring_slots: int = 8
+    trace_prefill: bool = False
     worker: WorkerKind = "thread"
     max_queue_size: int = 4096
     max_export_batch_size: int = 256
@@ -167,7 +172,7 @@ def _env_fields() -> list[dataclasses.Field]:
 
 
 _FIELD_TYPES: dict[str, type] = {
-    "enabled": bool, "store_scores": bool, "otlp_insecure": bool,
+    "enabled": bool, "store_scores": bool, "otlp_insecure": bool, "trace_prefill": bool,
     "kv_block_size": int, "max_requests_per_file": int, "ring_slots": int, "max_queue_size": int,
     "max_export_batch_size": int, "schedule_delay_ms": int, "export_timeout_ms": int,
     "kv_bytes_per_token": int, "payload_chunk_bytes": int, "rank": int, "world_size": int, "seed": int,

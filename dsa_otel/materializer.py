@@ -340,8 +340,9 @@ class Materializer:
             a, b = int(bounds[j]), int(bounds[j + 1])
             if a == b:
                 continue
-            self._close_prefill(st, cap.t_start_ns)
-            st.steps += 1
+            if cap.phase == "decode":
+                self._close_prefill(st, cap.t_start_ns)
+                st.steps += 1
             if st.hot_prefix is not None:  # touched blocks inside the cached prefix
                 blocks = st_all.block_ids[blk_off[a]:blk_off[b]]
                 hit = blocks[blocks < st.prefix_blocks]

@@ -392,27 +392,48 @@ class DSATransformer(nn.Module):
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor, cache: PagedKVCache, table: torch.Tensor,
                 *, attn: str = "sparse", chunk: int = 128, tracer: Any = None,
-                request_ids: Sequence[Any] | None = None, last_only: bool = False) -> torch.Tensor:
+                request_ids: Sequence[Any] | None = None, last_only: bool = False,
+                phase: str | None = None) -> torch.Tensor:
         """Run S new tokens per sequence (tokens [B, S], already reserved in ``cache``) and return logits.
 
-        ``start_pos`` [B]: tokens already cached per sequence. In decode (S == 1) each layer's top-k goes to
-        ``tracer.record_topk`` (A, with the block table for B) — nothing is called when ``tracer`` is None."""
+        ``start_pos`` [B]: tokens already cached per sequence. ``phase``: "decode" (default when S == 1) or
+        "prefill" (default otherwise). In decode each layer's top-k goes to ``tracer.record_topk`` (A, with the
+        block table for B; the caller ends the step); in prefill, when ``tracer.config.trace_prefill``, the last
+        query's top-k of every chunk is recorded and each chunk ends its own ``phase="prefill"`` step here.
+        Nothing is called when ``tracer`` is None."""
         if attn not in ("sparse", "dense"):
             raise ValueError("attn must be 'sparse' or 'dense'")
         B, S = tokens.shape
         record = None
-        if tracer is not None and getattr(tracer, "enabled", True) and S == 1:
+        prefill_rows: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        tracing = tracer is not None and getattr(tracer, "enabled", True)
+        rids = list(request_ids) if request_ids is not None else list(range(B))
+        phase = phase or ("decode" if S == 1 else "prefill")
+        if phase not in ("decode", "prefill"):
+            raise ValueError("phase must be 'decode' or 'prefill'")
+        if tracing and phase == "decode":
+            if S != 1:
+                raise ValueError("a decode step takes one token per sequence")
             seq_lens = start_pos + 1
-            rids = list(request_ids) if request_ids is not None else list(range(B))
 
             def record(layer_id: int, topk: torch.Tensor, c0: int) -> None:
                 tracer.record_topk(layer_id, topk[:, 0], seq_lens, rids, block_table=table)
+        elif tracing and getattr(getattr(tracer, "config", None), "trace_prefill", False):
+            def record(layer_id: int, topk: torch.Tensor, c0: int) -> None:
+                # layers run outside chunks, so a chunk's selections are complete only after the last layer: keep
+                # the last query's [B, K] of each (chunk, layer) and hand them over per chunk below
+                prefill_rows.setdefault(c0, []).append((layer_id, topk[:, -1]))
         if self.freqs_cis.device != tokens.device:
             self.freqs_cis = self.freqs_cis.to(tokens.device)
         ctx = StepContext(cache, table, start_pos, S, self.freqs_cis, attn, chunk, record)
         h = self.embed(tokens)
         for layer in self.layers:
             h = layer(h, ctx)
+        for c0, rows in prefill_rows.items():  # A in prefill: one traced step per chunk (its last query)
+            last = ctx.positions[:, min(S, c0 + chunk) - 1]
+            for layer_id, topk in rows:
+                tracer.record_topk(layer_id, topk, last + 1, rids, step=last, block_table=table)
+            tracer.end_step("prefill")
         h = self.norm(h[:, -1:] if last_only else h)
         return self.head(h).float()
 

@@ -185,7 +185,8 @@ class Engine:
         rest = req.prompt[start:]
         self.cache.reserve(req.request_id, len(rest))
         logits = self.model(torch.tensor([rest], device=self.device), torch.tensor([start], device=self.device),
-                            self.cache, self.cache.block_table([req.request_id]), chunk=self.chunk, last_only=True)
+                            self.cache, self.cache.block_table([req.request_id]), chunk=self.chunk, last_only=True,
+                            tracer=self.tracer, request_ids=[req.request_id], phase="prefill")
         self.cache.advance(req.request_id, len(rest))
         if self.prefix is not None:
             self.prefix.register(req.prompt, self.cache.tables[req.request_id])

@@ -244,3 +244,40 @@ def test_moe_dense_and_sparse_routing_agree(model):
     x = torch.randn(10, ARGS.dim)
     w, idx = moe.gate(x)
     assert torch.allclose(moe._routed_dense(x, w, idx), moe._routed_sparse(x, w, idx), atol=1e-5)
+
+
+def test_prefill_tracing_records_each_chunks_last_query_as_decode_would(model, tmp_path):
+    """trace_prefill: every prefill chunk's last query is traced as a phase="prefill" step, with exactly the
+    selection that decoding that token would make; analysis keeps these records out of the decode statistics."""
+    from dsa_otel.analysis.run import AnalysisConfig, analyze_run, summarize
+
+    tokens = rand_tokens(40, seed=3)
+    cfg = TraceConfig(out_dir=str(tmp_path), run_name="p", detail="full", kv_block_size=ARGS.kv_block_size,
+                      trace_prefill=True, ring_slots=64)
+    tracer = DSATracer(cfg)
+    tracer.start_request(0, 40)
+    run(model, tokens, tracer=tracer, request_ids=[0], chunk=16)  # chunks end at positions 15, 31, 39
+    tracer.end_prefill(0)
+    tracer.end_request(0)
+    ends = (15, 31, 39)
+    for i, p in enumerate(ends):  # reference: prefill tokens[:p] untraced, then decode token p traced
+        rid = 10 + i
+        _, cache = run(model, tokens[:, :p], seq=rid)
+        tracer.start_request(rid, p)
+        run(model, tokens[:, p:p + 1], start=p, cache=cache, seq=rid, tracer=tracer, request_ids=[rid])
+        tracer.end_step()
+        tracer.end_request(rid)
+    tracer.shutdown()
+    recs = list(read_records(str(tmp_path / "p")))
+    prefill = {(r["step_idx"], r["layer_id"]): r for r in recs if r["request_id"] == 0}
+    assert sorted(prefill) == [(p, layer) for p in ends for layer in range(ARGS.n_layers)]
+    assert all(r["phase"] == "prefill" for r in prefill.values())
+    for i, p in enumerate(ends):
+        for layer in range(ARGS.n_layers):
+            dec = next(r for r in recs if r["request_id"] == 10 + i and r["layer_id"] == layer)
+            assert dec["phase"] == "decode" and dec["step_idx"] == p
+            assert prefill[(p, layer)]["seq_len_current"] == p + 1
+            assert prefill[(p, layer)]["selected_token_pos"] == dec["selected_token_pos"]
+    summary = summarize(analyze_run(str(tmp_path / "p"), AnalysisConfig(progress=False)),
+                        AnalysisConfig(progress=False))
+    assert summary["prefill_records"] == 3 * ARGS.n_layers and summary["records"] == 3 * ARGS.n_layers

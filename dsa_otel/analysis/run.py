@@ -52,6 +52,7 @@ class AnalysisConfig:
 class RunAnalysis:
     path: str
     records: int = 0
+    prefill_records: int = 0
     requests: int = 0
     decode_tokens: int = 0
     has_blocks: bool = False
@@ -75,9 +76,13 @@ class RunAnalysis:
     report: ReadReport = field(default_factory=ReadReport)
 
 
-def _records_by_request(records: Iterable[dict]) -> dict[int, list[dict]]:
+def _records_by_request(records: Iterable[dict], res: "RunAnalysis") -> dict[int, list[dict]]:
+    """Decode records by request; prefill records (``trace_prefill``) are counted, not mixed into decode steps."""
     out: dict[int, list[dict]] = {}
     for r in records:
+        if r.get("phase", "decode") == "prefill":
+            res.prefill_records += 1
+            continue
         out.setdefault(int(r["request_id"]), []).append(r)
     return out
 
@@ -93,7 +98,7 @@ def analyze_run(path: str, cfg: AnalysisConfig, table_sink: Any = None) -> RunAn
     for fi, f in enumerate(files):
         is_shard = os.path.basename(f).startswith("trace_steps_")
         recs = iter_file(f, res.report) if is_shard else read_collector_file(f, res.report)
-        for rid, rows in sorted(_records_by_request(recs).items()):
+        for rid, rows in sorted(_records_by_request(recs, res).items()):
             _analyze_request(res, cfg, rid, rows, request_index, table_sink)
             request_index += 1
         if cfg.progress:
@@ -229,7 +234,8 @@ def summarize(res: RunAnalysis, cfg: AnalysisConfig) -> dict[str, Any]:
             "jaccard_next_layer": a.adj_jaccard_sum / a.adj_pairs if a.adj_pairs else None,
         })
     out: dict[str, Any] = {
-        "path": res.path, "records": res.records, "requests": res.requests, "decode_tokens": res.decode_tokens,
+        "path": res.path, "records": res.records, "prefill_records": res.prefill_records, "requests": res.requests,
+        "decode_tokens": res.decode_tokens,
         "has_block_ids": res.has_blocks, "per_layer": layers,
         "offsets": {**res.offsets.to_json(), "kind": "every selected token" if res.offsets_exact else
                     "per-record offset_p50 (no positions at this detail level)"},
