@@ -245,10 +245,7 @@ class Materializer:
 
     # ------------------------------------------------------------------ steps
     def _stream(self, dev: torch.device) -> Any:
-        s = self._streams.get(dev)
-        if s is None:
-            s = self._streams[dev] = torch.cuda.Stream(device=dev)
-        return s
+        return side_stream(self._streams, dev)
 
     def _on_step(self, cap: StepCapture) -> None:
         cfg = self.config
@@ -475,6 +472,15 @@ class Materializer:
             for f in TIER_FIELDS:
                 base[f] = np.where(covered, v[f], base[f])
         return merged
+
+
+def side_stream(streams: dict, dev: torch.device) -> Any:
+    """The background side stream of a device (created once per worker), so tracing's copies never queue behind
+    or in front of the model's own kernels on its stream."""
+    s = streams.get(dev)
+    if s is None:
+        s = streams[dev] = torch.cuda.Stream(device=dev)
+    return s
 
 
 def _wait(stream: Any) -> None:

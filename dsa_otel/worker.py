@@ -44,7 +44,7 @@ import torch
 from .capture import BatchGroup, StepCapture
 from .config import TraceConfig
 from .kvfetch import KVFetchModel
-from .materializer import Counters
+from .materializer import Counters, side_stream
 
 log = structlog.get_logger("dsa_otel.worker")
 
@@ -251,10 +251,7 @@ class ProcessMaterializer:
 
     # ------------------------------------------------------------------ steps
     def _stream(self, dev: torch.device) -> Any:
-        s = self._streams.get(dev)
-        if s is None:
-            s = self._streams[dev] = torch.cuda.Stream(device=dev)
-        return s
+        return side_stream(self._streams, dev)
 
     def _give_back(self, cap: StepCapture) -> None:
         self.release_buffer(cap.buffer)
