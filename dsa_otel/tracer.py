@@ -72,22 +72,28 @@ class DSATracer:
         cfg = self.config
         self._slots = threading.BoundedSemaphore(cfg.ring_slots)
         self._ring = SnapshotRing()
-        self.id_generator = RequestTraceIdGenerator()
-        res = {"service.name": "dsa-otel", sc.RES_RUN_NAME: cfg.run_name, sc.RES_RANK: cfg.rank,
-               sc.RES_WORLD_SIZE: cfg.world_size, sc.RES_KV_BLOCK_SIZE: cfg.kv_block_size,
-               sc.RES_DETAIL: cfg.detail, sc.RES_DATASET: cfg.dataset}
-        res.update(resource_attributes or {})
         if cfg.worker == "process":
             if exporters is not None:
                 raise ConfigError("worker='process' builds its exporters from the config inside the worker "
                                   "process; pass exporters= only with worker='thread'")
             from .worker import ProcessMaterializer  # local import: only process mode needs it
 
-            self.provider = None
+            self.provider = None  # spans are made in the worker, by an in-process pipeline built there
             self.materializer = ProcessMaterializer(cfg, kv_fetch_model, self.counters, self._slots.release,
                                                     self._ring.release, dict(resource_attributes or {}))
-            self._register_metrics(meter_provider)
-            return
+        else:
+            self._build_in_process(exporters, kv_fetch_model, resource_attributes)
+        self._register_metrics(meter_provider)
+
+    def _build_in_process(self, exporters: Sequence[SpanExporter] | None, kv_fetch_model: KVFetchModel | None,
+                          resource_attributes: Mapping[str, Any] | None) -> None:
+        """TracerProvider, span processors, exporters and the materializer thread of this process."""
+        cfg = self.config
+        self.id_generator = RequestTraceIdGenerator()
+        res = {"service.name": "dsa-otel", sc.RES_RUN_NAME: cfg.run_name, sc.RES_RANK: cfg.rank,
+               sc.RES_WORLD_SIZE: cfg.world_size, sc.RES_KV_BLOCK_SIZE: cfg.kv_block_size,
+               sc.RES_DETAIL: cfg.detail, sc.RES_DATASET: cfg.dataset}
+        res.update(resource_attributes or {})
         self.provider = TracerProvider(resource=Resource.create(res), id_generator=self.id_generator)
         if exporters is None:
             from .exporters import build_exporters  # local import: the exporters package imports dsa_otel
@@ -108,7 +114,6 @@ class DSATracer:
         self.materializer.embed_payload = not getattr(sole, "accepts_inprocess_payload", False)
         if not self.materializer.embed_payload:
             sole.payload_source = self.materializer.handoff.take  # type: ignore[union-attr]
-        self._register_metrics(meter_provider)
 
     # ------------------------------------------------------------------ ids and sampling
     def trace_id(self, request_id: int | str) -> int:

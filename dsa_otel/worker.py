@@ -49,6 +49,7 @@ from .materializer import Counters, side_stream
 log = structlog.get_logger("dsa_otel.worker")
 
 _ALIGN = 4096
+STOP_TIMEOUT_S = 60.0  # how long shutdown waits for the worker to flush and close its files
 
 
 class SharedSlot:
@@ -134,7 +135,7 @@ class ProcessMaterializer:
 
     def __init__(self, config: TraceConfig, kv_fetch_model: KVFetchModel | None, counters: Counters,
                  release_slot: Callable[[], None], release_buffer: Callable[[Any], None],
-                 resource_attributes: dict[str, Any] | None = None, start_timeout_s: float = 120.0) -> None:
+                 resource_attributes: dict[str, Any] | None = None) -> None:
         self.config = config
         self.counters = counters
         self.release_slot = release_slot
@@ -153,7 +154,6 @@ class ProcessMaterializer:
         self._free_slots: list[int] = list(range(config.ring_slots))
         self._slot_lock = threading.Lock()
         self._waiters: dict[int, threading.Event] = {}
-        self._waiter_results: dict[int, bool] = {}
         self._next_token = 0
         self._send_lock = threading.Lock()
 
@@ -232,7 +232,7 @@ class ProcessMaterializer:
         self._stopping = True
         finished = threading.Event()
         self._request(("stop", self.counters.steps_dropped), finished)
-        finished.wait(self._stop_timeout)
+        finished.wait(STOP_TIMEOUT_S)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -246,8 +246,6 @@ class ProcessMaterializer:
         for s in self._slots:
             s.close()
         done.set()
-
-    _stop_timeout = 60.0
 
     # ------------------------------------------------------------------ steps
     def _stream(self, dev: torch.device) -> Any:
