@@ -21,6 +21,9 @@ import time
 import numpy as np
 import orjson
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import dir_bytes, write_report  # noqa: E402
+
 
 def write_run(root: str, n_records: int, layers: int = 8, steps: int = 500, K: int = 24, width: int = 4) -> str:
     run = os.path.join(root, "scale", "block64")
@@ -70,7 +73,7 @@ def main() -> None:
             t0 = time.time()
             run = write_run(root, int(n))
             gen_s = time.time() - t0
-            size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(run) for f in fs)
+            size = dir_bytes(run)
             t0 = time.time()
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             res = subprocess.run([exe, "analyze", run, "--out", os.path.join(root, "an"), "--quiet"],
@@ -89,9 +92,7 @@ def main() -> None:
                   f"peak RSS {rss_kb / 1024:7.1f} MB, {a['records'] / wall:8.0f} records/s", flush=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_report(args.json, results)
 
 
 if __name__ == "__main__":

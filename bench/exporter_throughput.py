@@ -18,7 +18,6 @@ more, untimed, from an in-memory copy of the same spans).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -36,14 +35,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import dir_bytes, write_report  # noqa: E402
 from pipeline_vs_seed import SeedTracer, make_pool  # noqa: E402
 
 from dsa_otel import DSATracer, TraceConfig  # noqa: E402
-from dsa_otel.exporters import build_exporters  # noqa: E402
-
-
-def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def free_port() -> int:
@@ -164,10 +159,7 @@ def main() -> None:
         receiver.terminate()
         receiver.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(a.out, report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ bytes written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -23,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_report  # noqa: E402
 from pipeline_vs_seed import SeedTracer  # noqa: E402
 
 from dsa_otel import DSATracer, TraceConfig  # noqa: E402
@@ -125,10 +125,7 @@ def main() -> None:
         report["configs"].append(row)
         del ix
         torch.cuda.empty_cache()
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

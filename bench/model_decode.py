@@ -11,7 +11,6 @@ the same steps, interleaved. Prefill: real forward passes of growing prompts unt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -19,23 +18,12 @@ import time
 
 import torch
 
-from dsa_otel.model.config import preset
-from dsa_otel.model.dsa import build_model
-from dsa_otel.model.kv import PagedKVCache
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import filled_cache, write_report  # noqa: E402
 
-
-def filled_cache(args, B: int, T: int, dtype) -> tuple[PagedKVCache, list[int]]:
-    blocks_per_seq = -(-(T + 64) // args.kv_block_size)
-    cache = PagedKVCache(args, B * blocks_per_seq, device="cuda", dtype=dtype)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for t in (cache.latent, cache.rope, cache.index_k):
-        t.copy_(torch.randn(t.shape, generator=g, device="cuda", dtype=torch.float32).to(dtype))
-    seqs = list(range(B))
-    for s in seqs:
-        cache.add_sequence(s)
-        cache.reserve(s, T)
-        cache.advance(s, T)
-    return cache, seqs
+from dsa_otel.model.config import preset  # noqa: E402
+from dsa_otel.model.dsa import build_model  # noqa: E402
+from dsa_otel.model.kv import PagedKVCache  # noqa: E402
 
 
 def decode_ms(model, cache, seqs, steps: int, attn: str) -> list[float]:
@@ -102,7 +90,7 @@ def main() -> None:
     for B in map(int, a.batches.split(",")):
         for T in map(int, a.contexts.split(",")):
             try:
-                cache, seqs = filled_cache(args, B, T, dtype)
+                cache, seqs = filled_cache(args, B, T, a.steps, "cuda", dtype)
                 res = {}
                 for rep in range(2):  # interleaved
                     for attn in ("sparse", "dense"):
@@ -127,10 +115,7 @@ def main() -> None:
     if lengths:
         report["prefill"]["sparse_chunked"] = longest_prefill(model, args, dtype, lengths, "sparse", 128)
         report["prefill"]["dense_unchunked"] = longest_prefill(model, args, dtype, lengths, "dense", 1 << 30)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(a.out, report)
 
 
 if __name__ == "__main__":

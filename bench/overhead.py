@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -33,13 +32,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import dir_bytes, filled_cache, write_report  # noqa: E402
 from pipeline_vs_seed import SeedTracer  # noqa: E402
 
 from dsa_otel import DSATracer, TraceConfig  # noqa: E402
-from dsa_otel.exporters import read_records  # noqa: E402
 from dsa_otel.model.config import preset  # noqa: E402
 from dsa_otel.model.dsa import build_model  # noqa: E402
-from dsa_otel.model.kv import PagedKVCache  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -112,20 +110,6 @@ def tracing_tids(before: set[int]) -> list[int]:
             if t.native_id is not None and t.native_id not in before and t is not threading.current_thread()]
 
 
-def filled_cache(args, B: int, T: int, steps: int, device: str, dtype) -> tuple[PagedKVCache, list[int]]:
-    blocks_per_seq = -(-(T + steps + 1) // args.kv_block_size)
-    cache = PagedKVCache(args, B * blocks_per_seq, device=device, dtype=dtype)
-    g = torch.Generator(device=device).manual_seed(0)
-    for t in (cache.latent, cache.rope, cache.index_k):
-        t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=torch.float32).to(dtype))
-    seqs = list(range(B))
-    for s in seqs:
-        cache.add_sequence(s)
-        cache.reserve(s, T + steps + 1)
-        cache.advance(s, T)
-    return cache, seqs
-
-
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -174,10 +158,7 @@ def run_steps(sess: Session, model, cache, seqs, T: int, steps: int, device: str
         for r in rids:
             tracer.start_request(r, T)
     hook_s = [0.0]
-    calls = {}
-    if tracer is not None:  # time spent inside the tracer's calls on the model thread
-        calls = {name: timed(getattr(tracer, name), hook_s) for name in ("record_topk", "end_step")}
-    hook = _Hook(tracer, calls) if tracer is not None else None
+    hook = _Hook(tracer, hook_s) if tracer is not None else None
     cpu0 = cpu_seconds_of(sess.tids)
     wcpu0 = cpu_seconds_of([], sess.worker_pid) if sess.worker_pid else 0.0
     dropped0 = tracer.tracing_stats()["steps_dropped"] if isinstance(tracer, DSATracer) else 0
@@ -217,12 +198,12 @@ def run_steps(sess: Session, model, cache, seqs, T: int, steps: int, device: str
 
 
 class _Hook:
-    """The tracer as the model sees it, with the model-thread calls timed."""
+    """The tracer as the model sees it, with the time spent inside its model-thread calls added to ``acc``."""
 
-    def __init__(self, tracer, calls: dict) -> None:
+    def __init__(self, tracer, acc: list[float]) -> None:
         self.enabled = True
-        self.record_topk = calls["record_topk"]
-        self.end_step = calls["end_step"]
+        self.record_topk = timed(tracer.record_topk, acc)
+        self.end_step = timed(tracer.end_step, acc)
 
 
 def main() -> None:
@@ -270,8 +251,7 @@ def main() -> None:
                 runs[m].append(r)
         finals = {m: sessions[m].close() for m in modes}
         for m in modes:
-            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(outs[m]) for f in fs)
-            runs[m][0]["bytes"] = size
+            runs[m][0]["bytes"] = dir_bytes(outs[m])
             shutil.rmtree(outs[m], ignore_errors=True)
         skip = 2  # the first steps of a run warm up
         off = statistics.median(t for r in runs["off"] for t in r["step_ms"][skip:])
@@ -308,10 +288,7 @@ def main() -> None:
         del cache
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(a.out, report)
 
 
 if __name__ == "__main__":

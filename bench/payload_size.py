@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import sys
 
@@ -20,6 +19,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_report  # noqa: E402
 from pipeline_vs_seed import SeedTracer  # noqa: E402
 
 from dsa_otel import DSATracer, TraceConfig, semconv as sc  # noqa: E402
@@ -69,9 +69,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['detail']:7s} {r['ctx']:7d} {r['seed_json_per_record']:10.0f} {r['payload_raw_per_record']:8.0f} "
               f"{r['payload_b64_per_record']:8.0f} {r['otlp_span_per_record']:10.0f} {r['ratio_b64_to_seed']:9.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_report(args.json, rows)
 
 
 if __name__ == "__main__":

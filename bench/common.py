@@ -1,0 +1,42 @@
+"""Small pieces the benchmark scripts share: writing a result file, the size of an output folder, and a paged KV
+cache filled to a context length (decode cost does not depend on the cached values)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def write_report(path: str | None, report: Any) -> None:
+    """Write a benchmark's JSON result (creating its folder); nothing when no path was asked for."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def dir_bytes(path: str) -> int:
+    """Bytes of all files below ``path``."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def filled_cache(args, B: int, T: int, steps: int, device: str, dtype) -> tuple[Any, list[int]]:
+    """A PagedKVCache with B sequences of T cached tokens each (random latents, RoPE keys and index keys) and room
+    for ``steps`` more tokens; sequence ids 0..B-1. (torch is imported here: the CPU-only scripts stay light.)"""
+    import torch
+
+    from dsa_otel.model.kv import PagedKVCache
+
+    blocks_per_seq = -(-(T + steps + 1) // args.kv_block_size)
+    cache = PagedKVCache(args, B * blocks_per_seq, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    for t in (cache.latent, cache.rope, cache.index_k):
+        t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=torch.float32).to(dtype))
+    seqs = list(range(B))
+    for s in seqs:
+        cache.add_sequence(s)
+        cache.reserve(s, T + steps + 1)
+        cache.advance(s, T)
+    return cache, seqs
