@@ -36,9 +36,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
+        # in float32, as the reference; one fused op where torch has one (fewer launches per decode step)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -181,13 +180,23 @@ class MoE(nn.Module):
 
     def _routed_dense(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Every local expert on every token, weighted by its routing weight (0 when not routed): no host
-        synchronisation, at most n_experts / n_activated times the FLOPs of routing, cheap for a few decode tokens."""
+        synchronisation, at most n_experts / n_activated times the FLOPs of routing, cheap for a few decode tokens.
+
+        The experts run as three batched matmuls over weights stacked for this call (a few launches instead of
+        ~11 per expert: decode on a GPU is launch-bound), in the same dtypes as ``MLP.forward``. The stacks are
+        rebuilt every call rather than cached, so loading or moving weights never leaves a stale copy; they cost
+        one read of the local experts' weights."""
+        experts = [self.experts[e] for e in range(self.expert_start, self.expert_end)]
+        w1 = torch.stack([m.w1.weight for m in experts]).transpose(1, 2)  # [E, dim, inter]
+        w3 = torch.stack([m.w3.weight for m in experts]).transpose(1, 2)
+        w2 = torch.stack([m.w2.weight for m in experts]).transpose(1, 2)  # [E, inter, dim]
+        xe = x.unsqueeze(0).expand(len(experts), -1, -1)                  # [E, T, dim]
+        h = (F.silu(torch.bmm(xe, w1).float()) * torch.bmm(xe, w3).float()).to(x.dtype)
+        y = torch.bmm(h, w2).float()                                      # [E, T, dim]
         dense_w = torch.zeros(x.shape[0], self.args.n_routed_experts, device=x.device, dtype=torch.float32)
         dense_w.scatter_(1, idx, weights.float())
-        y = torch.zeros_like(x, dtype=torch.float32)
-        for e in range(self.expert_start, self.expert_end):
-            y += self.experts[e](x).float() * dense_w[:, e:e + 1]
-        return y
+        local_w = dense_w[:, self.expert_start:self.expert_end].t().unsqueeze(-1)  # [E, T, 1]
+        return (y * local_w).sum(0)
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -223,18 +232,30 @@ class Indexer(nn.Module):
 
     def scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """index_score[b, s, t] = sum_h w[b,s,h] * relu(q[b,s,h] . k[b,t]), heads in groups sized so that the
-        per-head scores never exceed SCORE_BUDGET_BYTES (all heads at once in decode, fewer per group in prefill)."""
-        B, S, H, _ = q.shape
+        per-head scores never exceed SCORE_BUDGET_BYTES (all heads at once in decode, fewer per group in prefill).
+
+        Two batched matmuls per group: q.k in float32 (bf16 inputs multiply on the tensor cores with float32
+        output, no float copy of the keys), ReLU in place, then the head-weighted sum accumulated into the result."""
+        B, S, H, D = q.shape
         T = keys.shape[1]
-        per_head = max(1, B * S * T * 4)
-        group = max(1, min(H, self.SCORE_BUDGET_BYTES // per_head))
-        kf = keys.float()
-        out = torch.zeros(B, S, T, device=q.device, dtype=torch.float32)
+        group = max(1, min(H, self.SCORE_BUDGET_BYTES // max(1, B * S * T * 4)))
+        keys_t = keys.transpose(1, 2)  # [B, D, T]
+        out = torch.zeros(B * S, 1, T, device=q.device, dtype=torch.float32)
         for h0 in range(0, H, group):
             h1 = min(H, h0 + group)
-            s = torch.einsum("bshd,btd->bsht", q[:, :, h0:h1].float(), kf).relu_()
-            out += torch.einsum("bsht,bsh->bst", s, w[:, :, h0:h1])
-        return out
+            g = h1 - h0
+            s = bmm_f32(q[:, :, h0:h1].reshape(B, S * g, D), keys_t).relu_()  # [B, S*g, T]
+            out.baddbmm_(w[:, :, h0:h1].reshape(B * S, 1, g).float(), s.view(B * S, g, T))
+        return out.view(B, S, T)
+
+
+def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b with a float32 result. On CUDA, half-precision inputs go to the tensor cores with float32
+    output (each product of two bf16 values is exact in float32, so this equals the float32 matmul up to summation
+    order) instead of first copying both operands to float32; elsewhere both are converted."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
 
 
 class MLA(nn.Module):
@@ -274,7 +295,7 @@ class MLA(nn.Module):
         w_k, w_v = wkv_b[:, : a.qk_nope_head_dim], wkv_b[:, a.qk_nope_head_dim:]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_k.float())  # absorbed: queries in latent space
         iq, iw = self.indexer.queries(x, qr, ctx.freqs)
-        idx_keys = cache.index_k[self.layer_id][ctx.all_slots]  # [B, T, D] index keys of the whole context
+        idx_keys = cache.context(cache.index_k[self.layer_id], ctx.table, ctx.T)  # [B, T, D] the whole context
         out = torch.empty(B, S, H, a.kv_lora_rank, device=x.device, dtype=torch.float32)
         for c0 in range(0, S, ctx.chunk):
             c1 = min(S, c0 + ctx.chunk)
@@ -308,7 +329,7 @@ class MLA(nn.Module):
         """Attention over each query's top-k entries only: gather [B, c, K] latent rows from the paged cache."""
         cache = ctx.cache
         valid = topk >= 0
-        slots = ctx.all_slots.gather(1, topk.clamp(min=0).flatten(1)).view_as(topk)
+        slots = cache.slots(ctx.table, topk.clamp(min=0).flatten(1)).view_as(topk)
         lat = cache.latent[self.layer_id][slots].float()  # [B, c, K, kv_lora]
         pe = cache.rope[self.layer_id][slots].float()     # [B, c, K, rope]
         scores = (torch.einsum("bshc,bskc->bshk", q_lat, lat)
@@ -319,8 +340,8 @@ class MLA(nn.Module):
     def _dense(self, q_lat: torch.Tensor, q_pe: torch.Tensor, topk: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
         """The reference's way: scores over the whole context, then everything outside the top-k masked."""
         cache = ctx.cache
-        lat = cache.latent[self.layer_id][ctx.all_slots].float()  # [B, T, kv_lora]
-        pe = cache.rope[self.layer_id][ctx.all_slots].float()
+        lat = cache.context(cache.latent[self.layer_id], ctx.table, ctx.T).float()  # [B, T, kv_lora]
+        pe = cache.context(cache.rope[self.layer_id], ctx.table, ctx.T).float()
         scores = (torch.einsum("bshc,btc->bsht", q_lat, lat)
                   + torch.einsum("bshr,btr->bsht", q_pe.float(), pe)) * self.softmax_scale
         mask = torch.full(scores.shape[:2] + scores.shape[3:], float("-inf"), device=scores.device)
@@ -347,14 +368,15 @@ class StepContext:
     """Per-forward state shared by the layers: positions, cache slots, RoPE rotations and the trace hook."""
 
     def __init__(self, cache: PagedKVCache, table: torch.Tensor, start_pos: torch.Tensor, S: int,
-                 freqs_all: torch.Tensor, attn: str, chunk: int, record: Any) -> None:
+                 freqs_all: torch.Tensor, attn: str, chunk: int, record: Any, context_len: int | None = None) -> None:
         dev = table.device
         self.cache, self.table, self.attn, self.chunk, self.record = cache, table, attn, chunk, record
         self.positions = start_pos.view(-1, 1) + torch.arange(S, device=dev).view(1, -1)  # [B, S]
         self.seq_lens = start_pos + S
-        T = int(self.seq_lens.max())
+        # the context the indexer scores: the longest sequence (the one host sync of a forward) unless the caller
+        # fixes it (CUDA graphs); positions past a sequence's length are masked as the future is
+        self.T = int(self.seq_lens.max()) if context_len is None else context_len
         self.slots = cache.slots(table, self.positions)
-        self.all_slots = cache.slots(table, torch.arange(T, device=dev).view(1, -1).expand(table.shape[0], T))
         self.freqs = freqs_all[self.positions]
 
 
@@ -393,14 +415,16 @@ class DSATransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor, cache: PagedKVCache, table: torch.Tensor,
                 *, attn: str = "sparse", chunk: int = 128, tracer: Any = None,
                 request_ids: Sequence[Any] | None = None, last_only: bool = False,
-                phase: str | None = None) -> torch.Tensor:
+                phase: str | None = None, context_len: int | None = None) -> torch.Tensor:
         """Run S new tokens per sequence (tokens [B, S], already reserved in ``cache``) and return logits.
 
         ``start_pos`` [B]: tokens already cached per sequence. ``phase``: "decode" (default when S == 1) or
         "prefill" (default otherwise). In decode each layer's top-k goes to ``tracer.record_topk`` (A, with the
         block table for B; the caller ends the step); in prefill, when ``tracer.config.trace_prefill``, the last
         query's top-k of every chunk is recorded and each chunk ends its own ``phase="prefill"`` step here.
-        Nothing is called when ``tracer`` is None."""
+        Nothing is called when ``tracer`` is None. ``context_len``: a fixed number of context positions to score
+        (at least the longest sequence, at most what ``table`` covers) instead of reading the longest length back
+        from the GPU, so that the forward has static shapes and no host synchronisation (``graphs.DecodeGraph``)."""
         if attn not in ("sparse", "dense"):
             raise ValueError("attn must be 'sparse' or 'dense'")
         B, S = tokens.shape
@@ -425,7 +449,10 @@ class DSATransformer(nn.Module):
                 prefill_rows.setdefault(c0, []).append((layer_id, topk[:, -1]))
         if self.freqs_cis.device != tokens.device:
             self.freqs_cis = self.freqs_cis.to(tokens.device)
-        ctx = StepContext(cache, table, start_pos, S, self.freqs_cis, attn, chunk, record)
+        if context_len is not None and not 0 < context_len <= table.shape[1] * cache.block_size:
+            raise ValueError(f"context_len={context_len} must be in 1..{table.shape[1] * cache.block_size} "
+                             "(the positions the block table covers)")
+        ctx = StepContext(cache, table, start_pos, S, self.freqs_cis, attn, chunk, record, context_len)
         h = self.embed(tokens)
         for layer in self.layers:
             h = layer(h, ctx)

@@ -95,6 +95,16 @@ class PagedKVCache:
         phys = table.gather(1, blk.clamp(min=0, max=table.shape[1] - 1))
         return phys * self.block_size + positions % self.block_size
 
+    def context(self, store: torch.Tensor, table: torch.Tensor, T: int) -> torch.Tensor:
+        """[B, T, D] rows of positions 0..T-1 of every sequence in ``table``, from ``store`` (one layer's
+        ``latent``, ``rope`` or ``index_k``), gathered a whole block at a time: a block's rows are contiguous in the
+        cache, so this moves block-sized runs instead of indexing T rows one by one (what the indexer reads every
+        step). Rows past a sequence's length come from its padding (-1 -> block 0) and must be masked by the
+        caller, as the causal mask does."""
+        n_blocks = -(-T // self.block_size)
+        blocks = store.view(self.num_blocks, self.block_size, store.shape[-1])[table[:, :n_blocks].clamp(min=0)]
+        return blocks.flatten(1, 2)[:, :T]
+
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor,
               index_k: torch.Tensor) -> None:
         flat = slots.reshape(-1)

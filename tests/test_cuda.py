@@ -58,3 +58,95 @@ def test_model_thread_never_synchronises(tmp_path, worker):
     stats = tr.tracing_stats()
     assert stats["steps_failed"] == 0 and stats["steps_captured"] == 5
     assert len(recs) == 5 * 4 * 3
+
+
+def test_indexer_bf16_scores_on_cuda_equal_float32():
+    """On CUDA the indexer multiplies bf16 q and k on the tensor cores with a float32 result: equal to the float32
+    computation on the same (bf16-representable) values up to summation order."""
+    from dsa_otel.model.config import preset
+    from dsa_otel.model.dsa import Indexer
+
+    ix = Indexer(preset("tiny")).cuda()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 1, ix.n_heads, ix.head_dim, generator=g).bfloat16()
+    w = torch.randn(3, 1, ix.n_heads, generator=g)
+    k = torch.randn(3, 300, ix.head_dim, generator=g).bfloat16()
+    ref = ix.scores(q.float(), w, k.float())
+    got = ix.scores(q.cuda(), w.cuda(), k.cuda()).cpu()
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_equals_dense_then_mask_on_cuda_bf16():
+    """The small model's decode on the GPU in bf16: truly sparse attention equals dense-then-mask."""
+    from dsa_otel.model.config import preset
+    from dsa_otel.model.dsa import build_model
+    from dsa_otel.model.kv import PagedKVCache
+
+    args = preset("tiny", index_topk=12)
+    torch.manual_seed(0)
+    model = build_model(args, device="cuda", dtype=torch.bfloat16)
+    tokens = torch.randint(0, args.vocab_size, (2, 40), device="cuda")
+    outs = {}
+    for attn in ("sparse", "dense"):
+        cache = PagedKVCache(args, 16, device="cuda", dtype=torch.bfloat16)
+        for s in (0, 1):
+            cache.add_sequence(s)
+            cache.reserve(s, 41)
+        table = cache.block_table([0, 1])
+        model(tokens, torch.zeros(2, dtype=torch.long, device="cuda"), cache, table, attn=attn)
+        outs[attn] = model(tokens[:, :1], torch.full((2,), 40, device="cuda"), cache, table, attn=attn)
+    assert torch.allclose(outs["sparse"], outs["dense"], atol=3e-2, rtol=3e-2)
+
+
+def _decode_run(out_dir, graphed: bool):
+    """4 decode steps of a 2-sequence batch (unequal lengths) of the tiny model on the GPU, traced at `full`."""
+    from dsa_otel.model.config import preset
+    from dsa_otel.model.dsa import build_model
+    from dsa_otel.model.graphs import DecodeGraph
+    from dsa_otel.model.kv import PagedKVCache
+
+    args = preset("tiny", index_topk=12)
+    torch.manual_seed(0)
+    model = build_model(args, device="cuda", dtype=torch.float32)
+    cache = PagedKVCache(args, 32, device="cuda")
+    g = torch.Generator().manual_seed(3)
+    for s, n in ((0, 37), (1, 20)):
+        cache.add_sequence(s)
+        cache.reserve(s, n + 8)
+        model(torch.randint(0, args.vocab_size, (1, n), generator=g).cuda(), torch.tensor([0], device="cuda"),
+              cache, cache.block_table([s]))
+        cache.advance(s, n)
+    cfg = TraceConfig(out_dir=out_dir, run_name="graph" if graphed else "eager", detail="full",
+                      kv_block_size=args.kv_block_size, ring_slots=64)
+    tracer = DSATracer(cfg)
+    table = cache.block_table([0, 1])
+    graph = DecodeGraph(model, cache, 2, table.shape[1]) if graphed else None
+    tok = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+    logits = []
+    for _ in range(4):
+        start = torch.tensor([cache.lengths[0], cache.lengths[1]], device="cuda")
+        if graph is None:
+            out = model(tok, start, cache, table, tracer=tracer, request_ids=[0, 1], last_only=True)
+        else:
+            out = graph(tok, start, table, tracer=tracer, request_ids=[0, 1])
+        tracer.end_step()
+        logits.append(out.clone())
+        tok = out[:, -1].argmax(-1, keepdim=True)
+        for s in (0, 1):
+            cache.advance(s, 1)
+    for r in (0, 1):
+        tracer.end_request(r)
+    tracer.shutdown()
+    return torch.stack(logits), [{k: v for k, v in r.items() if k != "trace_id"} for r in read_records(cfg.run_dir)]
+
+
+def test_cuda_graph_decode_equals_eager_decode_and_traces_the_same(tmp_path):
+    """A DecodeGraph (captured once, replayed for 4 steps of a growing context) gives eager decoding's logits, and
+    tracing it writes the same A/B records."""
+    eager_logits, eager_recs = _decode_run(str(tmp_path), graphed=False)
+    graph_logits, graph_recs = _decode_run(str(tmp_path), graphed=True)
+    assert torch.allclose(eager_logits, graph_logits, atol=1e-4, rtol=1e-4)
+    assert len(graph_recs) == len(eager_recs) == 4 * 3 * 2
+    key = lambda r: (r["request_id"], r["step_idx"], r["layer_id"])  # noqa: E731
+    assert sorted(eager_recs, key=key) == sorted(graph_recs, key=key)
+    assert {r["seq_len_current"] for r in graph_recs if r["request_id"] == 1} == {21, 22, 23, 24}

@@ -281,3 +281,75 @@ def test_prefill_tracing_records_each_chunks_last_query_as_decode_would(model, t
     summary = summarize(analyze_run(str(tmp_path / "p"), AnalysisConfig(progress=False)),
                         AnalysisConfig(progress=False))
     assert summary["prefill_records"] == 3 * ARGS.n_layers and summary["records"] == 3 * ARGS.n_layers
+
+
+def test_context_gathers_whole_blocks_like_slot_indexing():
+    """cache.context (block-at-a-time gather, what the indexer reads each step) returns exactly the rows that
+    per-token slot indexing returns, for interleaved, non-contiguous block tables of different lengths."""
+    cache = PagedKVCache(ARGS, 16)
+    bs = ARGS.kv_block_size
+    cache.index_k.copy_(torch.randn(cache.index_k.shape))
+    for s in ("a", "b", "c"):
+        cache.add_sequence(s)
+    for _ in range(3):  # interleave allocations so each table is scattered over the pool
+        for s, n in (("a", bs), ("b", bs // 2), ("c", bs)):
+            cache.reserve(s, n)
+            cache.advance(s, n)
+    lengths = {s: cache.lengths[s] for s in ("a", "b", "c")}
+    table = cache.block_table(["a", "b", "c"])
+    T = max(lengths.values())
+    got = cache.context(cache.index_k[1], table, T)
+    pos = torch.arange(T).view(1, -1).expand(3, T)
+    want = cache.index_k[1][cache.slots(table, pos)]
+    assert got.shape == (3, T, ARGS.index_head_dim)
+    for row, s in enumerate(("a", "b", "c")):
+        assert torch.equal(got[row, :lengths[s]], want[row, :lengths[s]])
+    assert int(table[0, 1] - table[0, 0]) != 1  # the blocks of a sequence really are scattered
+
+
+def test_indexer_scores_match_the_formula_in_every_head_grouping(model, monkeypatch):
+    """index_score = sum_h w_h * relu(q_h . k): the grouped computation (a small score budget forces one head per
+    group, as long prefill chunks do) equals the all-heads-at-once one and the formula written out."""
+    ix = model.layers[0].attn.indexer
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, ix.n_heads, ix.head_dim, generator=g)
+    w = torch.randn(2, 3, ix.n_heads, generator=g)
+    k = torch.randn(2, 20, ix.head_dim, generator=g)
+    formula = torch.einsum("bsh,bsht->bst", w, torch.einsum("bshd,btd->bsht", q, k).relu())
+    assert torch.allclose(ix.scores(q, w, k), formula, atol=1e-5)
+    monkeypatch.setattr(type(ix), "SCORE_BUDGET_BYTES", 2 * 3 * 20 * 4)
+    assert torch.allclose(ix.scores(q, w, k), formula, atol=1e-5)
+
+
+def test_fixed_context_len_decodes_like_the_measured_one(model):
+    """context_len (static shapes for CUDA graphs): scoring the whole block table's positions, with shorter
+    sequences masked, gives the same selections and logits as scoring exactly the longest sequence."""
+    cache = PagedKVCache(ARGS, 32)
+    lengths = {"a": 37, "b": 20}
+    for s, n in lengths.items():
+        cache.add_sequence(s)
+        cache.reserve(s, n + 1)
+        model(rand_tokens(n, seed=n), torch.tensor([0]), cache, cache.block_table([s]))
+        cache.advance(s, n)
+    table = cache.block_table(["a", "b"], width=5)  # 5 blocks of 16: 80 positions, more than either needs
+    tok = torch.cat([rand_tokens(1, seed=7), rand_tokens(1, seed=8)])
+    start = torch.tensor([37, 20])
+    seen: dict[str, list[torch.Tensor]] = {"measured": [], "fixed": []}
+
+    def recorder(key):
+        class Rec:
+            enabled = True
+
+            def record_topk(self, layer, topk, seq_lens, rids, block_table=None):
+                seen[key].append(topk.clone())
+        return Rec()
+
+    a = model(tok, start, cache, table, tracer=recorder("measured"))
+    b = model(tok, start, cache, table, tracer=recorder("fixed"), context_len=80)
+    assert torch.allclose(a, b, atol=1e-5)
+    for x, y in zip(seen["measured"], seen["fixed"]):
+        for row in range(2):
+            assert sorted(x[row].tolist()) == sorted(y[row].tolist())
+            assert int(x[row].max()) <= int(start[row])  # causal: nothing past each sequence's own token
+    with pytest.raises(ValueError, match="context_len"):
+        model(tok, start, cache, table, context_len=81)
