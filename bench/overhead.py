@@ -13,7 +13,8 @@ layer's top-k with the block table), ``end_step``, and read the sampled tokens b
 makes). Reported per mode: median / p95 ms per step, ratio to off, records and bytes exported per second of
 decoding, drops, and CPU seconds of the tracing threads (and of the worker process).
 
-    python bench/overhead.py --out bench/results/overhead-h100.json            # GPU figures
+    python bench/overhead.py --out bench/results/overhead-h100.json            # GPU figures, eager decode
+    python bench/overhead.py --graph --out bench/results/overhead-h100-graph.json   # decode from a CUDA graph
     python bench/overhead.py --preset tiny --device cpu --configs 2x256 --steps 3 --repeats 1   # CPU smoke
 """
 
@@ -38,6 +39,7 @@ from pipeline_vs_seed import SeedTracer  # noqa: E402
 from dsa_otel import DSATracer, TraceConfig  # noqa: E402
 from dsa_otel.model.config import preset  # noqa: E402
 from dsa_otel.model.dsa import build_model  # noqa: E402
+from dsa_otel.model.graphs import DecodeGraph  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -142,8 +144,9 @@ class Session:
         return self.tracer.tracing_stats()
 
 
-def run_steps(sess: Session, model, cache, seqs, T: int, steps: int, device: str) -> dict:
-    """One timed run: ``steps`` decode steps of a fresh batch of requests, then (untimed) flush."""
+def run_steps(sess: Session, model, cache, seqs, T: int, steps: int, device: str, graph=None) -> dict:
+    """One timed run: ``steps`` decode steps of a fresh batch of requests, then (untimed) flush. With ``graph``
+    (a DecodeGraph) each step replays the captured forward instead of running it eagerly."""
     B = len(seqs)
     for s in seqs:
         cache.lengths[s] = T
@@ -171,7 +174,10 @@ def run_steps(sess: Session, model, cache, seqs, T: int, steps: int, device: str
         t0 = time.perf_counter()
         start = torch.tensor([cache.lengths[s] for s in seqs], device=device)
         table = cache.block_table(seqs)
-        logits = model(tok, start, cache, table, tracer=hook, request_ids=rids, last_only=True)
+        if graph is None:
+            logits = model(tok, start, cache, table, tracer=hook, request_ids=rids, last_only=True)
+        else:
+            logits = graph(tok, start, table, tracer=hook, request_ids=rids)
         for s in seqs:
             cache.advance(s, 1)
         if hook is not None:
@@ -218,6 +224,8 @@ def main() -> None:
     ap.add_argument("--workers", default="thread,process")
     ap.add_argument("--details", default="summary,blocks,full")
     ap.add_argument("--no-seed", action="store_true")
+    ap.add_argument("--graph", action="store_true",
+                    help="decode by replaying a CUDA graph of the step (model/graphs.py), as serving engines do")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
@@ -229,7 +237,8 @@ def main() -> None:
         modes.append("seed")
     gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     report: dict = {"gpu": gpu, "torch": torch.__version__, "preset": a.preset, "n_layers": args.n_layers,
-                    "index_topk": args.index_topk, "steps": a.steps, "repeats": a.repeats, "configs": []}
+                    "index_topk": args.index_topk, "steps": a.steps, "repeats": a.repeats, "graph": a.graph,
+                    "configs": []}
     for spec in a.configs.split(","):
         B, T = map(int, spec.split("x"))
         try:
@@ -239,13 +248,14 @@ def main() -> None:
             continue
         outs = {m: tempfile.mkdtemp(prefix="dsa-overhead-") for m in modes}
         sessions = {m: Session(m, model, outs[m]) for m in modes}
-        run_steps(sessions["off"], model, cache, seqs, T, 3, a.device)  # warm-up
+        graph = DecodeGraph(model, cache, B, len(cache.tables[seqs[0]])) if a.graph else None
+        run_steps(sessions["off"], model, cache, seqs, T, 3, a.device, graph)  # warm-up (and capture)
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         rows_seen: dict[str, int] = {m: 0 for m in modes}
         for rep in range(a.repeats):
             for m in modes[rep % len(modes):] + modes[:rep % len(modes)]:  # rotate the order every round
                 r = run_steps(sessions[m], model, cache, seqs, T, a.seed_steps if m == "seed" else a.steps,
-                              a.device)
+                              a.device, graph)
                 if m.startswith("dsa-otel"):
                     r["rows"], rows_seen[m] = r["rows"] - rows_seen[m], r["rows"]
                 runs[m].append(r)
@@ -285,7 +295,7 @@ def main() -> None:
                   f"worker cpu {entry.get('worker_process_cpu_ms_per_step', 0):6.2f} ms  gc {entry['gc_ms_per_step']:5.2f} ms",
                   flush=True)
         report["configs"].append(row)
-        del cache
+        del cache, graph
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
     write_report(a.out, report)

@@ -331,6 +331,18 @@ class Materializer:
         flat_scores = scores_np[st_all.valid_mask].astype(np.float16) \
             if (cfg.wants_positions and cfg.store_scores and scores_np is not None) else None
         hist = st_all.offset_hist
+        # per-request span attributes (means, maxima, bytes per tier) for all requests at once, not per request
+        seg_start = bounds[:-1][bounds[1:] > bounds[:-1]]
+        seg_of = np.cumsum(bounds[1:] > bounds[:-1]) - 1  # request j -> its segment (when it has rows)
+        mean_cols = [col["unique_blocks"], col["touched_block_ratio"], col["offset_p50"]]
+        sum_cols = [all_columns.index(f"kv_fetch.{tier}.bytes_read") for tier in tiers]
+        if seg_start.size:
+            seg_sums = np.add.reduceat(matrix[:, mean_cols + sum_cols], seg_start, axis=0)
+            seg_n = np.diff(np.append(seg_start, R))
+            seg_means = (seg_sums[:, :3] / seg_n[:, None]).tolist()
+            seg_bytes = seg_sums[:, 3:].tolist()
+            seg_max_ub = np.maximum.reduceat(matrix[:, col["unique_blocks"]], seg_start).astype(np.int64).tolist()
+        tier_keys = [f"{sc.KV_BYTES_PREFIX}{tier}.bytes_read" for tier in tiers]
         for j, st in enumerate(req_list):
             if st is None:
                 continue
@@ -366,19 +378,18 @@ class Materializer:
                 offset_hist_buckets=kw["offset_hist"][1], offset_hist_counts=kw["offset_hist"][2])
             seq_len = int(seq_rows[a])
             step_idx = int(step_rows[a]) if step_rows is not None else seq_len - 1
-            ub = slab[:, col["unique_blocks"]]
+            seg = int(seg_of[j])
+            means = seg_means[seg]
             attrs: dict[str, Any] = {
                 sc.REQUEST_ID: st.request_id, sc.STEP_IDX: step_idx, sc.SEQ_LEN: seq_len,
                 sc.N_LAYERS: b - a, sc.RANK: cfg.rank, sc.DETAIL: cfg.detail, sc.BATCH_SIZE: len(req_list),
-                sc.MEAN_UNIQUE_BLOCKS: float(ub.mean()), sc.MAX_UNIQUE_BLOCKS: int(ub.max()),
-                sc.MEAN_TOUCHED_RATIO: float(slab[:, col["touched_block_ratio"]].mean()),
-                sc.MEAN_OFFSET_P50: float(slab[:, col["offset_p50"]].mean()),
+                sc.MEAN_UNIQUE_BLOCKS: means[0], sc.MAX_UNIQUE_BLOCKS: seg_max_ub[seg],
+                sc.MEAN_TOUCHED_RATIO: means[1], sc.MEAN_OFFSET_P50: means[2],
                 sc.PHASE: cap.phase,
                 **self._prefix_attrs(st),
             }
-            for tier in tiers:
-                attrs[f"{sc.KV_BYTES_PREFIX}{tier}.bytes_read"] = float(
-                    slab[:, all_columns.index(f"kv_fetch.{tier}.bytes_read")].sum())
+            for key, value in zip(tier_keys, seg_bytes[seg]):
+                attrs[key] = value
             if st.key is not None:
                 attrs[sc.REQUEST_KEY] = st.key
             if self.embed_payload:  # only serialised when an exporter other than the in-process JSONL reads it

@@ -8,11 +8,15 @@ that work runs in a separate interpreter and the traced process keeps only what 
 model thread   record_topk / end_step exactly as with the thread worker (one ``torch.cat``, an event, a queue put)
 shipper thread (traced process) per step: on a side stream, after the snapshot's event, copy the selections
                and the per-request vectors (seq_lens, block tables) straight into a shared-memory slot
-               (page-locked with ``cudaHostRegister``, so each copy is one DMA); wait for them on a blocking event
-               (the GIL is released while waiting); send a small message (request ids, record layout, where each
-               array sits in the slot) over a socket. On the CPU numpy copies the snapshot into the slot (GIL
-               released). The worker sorts (numpy's SIMD sort): every launch left here competes for the GIL.
-receiver thread (traced process) gives a slot back when the worker says it is done, and keeps its counters.
+               (page-locked with ``cudaHostRegister``, so each copy is one DMA), then copy the step's token into
+               the slot's first 8 bytes; send a small message (request ids, record layout, where each array sits
+               in the slot, the token) over a socket at once, without waiting for the GPU. The worker waits until
+               the token appears in the slot (the DMAs of one stream complete in order, so the data is there
+               before it). The shipper thus never wakes when the GPU finishes a step, the moment the model thread
+               wakes too and needs the GIL. On the CPU numpy copies the snapshot into the slot (GIL released).
+               The worker sorts (numpy's SIMD sort): every launch left here competes for the GIL.
+receiver thread (traced process) gives a slot (and its snapshot buffer) back when the worker says it is done,
+               and keeps its counters.
 worker process ``python -m dsa_otel.worker``: an ordinary thread-mode pipeline (Materializer, span processors,
                exporters, summary.json) fed from the socket, so records are identical to thread mode.
 
@@ -49,6 +53,8 @@ from .materializer import Counters, side_stream
 log = structlog.get_logger("dsa_otel.worker")
 
 _ALIGN = 4096
+_HEADER = 64  # a slot starts with the int64 token of the step it holds, written last
+READY_TIMEOUT_S = 60.0  # how long the worker waits for a step's data to land in its slot
 STOP_TIMEOUT_S = 60.0  # how long shutdown waits for the worker to flush and close its files
 
 
@@ -153,6 +159,9 @@ class ProcessMaterializer:
         self._slots = [SharedSlot(directory, tag, i) for i in range(config.ring_slots)]
         self._free_slots: list[int] = list(range(config.ring_slots))
         self._slot_lock = threading.Lock()
+        self._held: dict[int, Any] = {}  # slot -> snapshot buffer its DMAs read, released when the worker is done
+        self._token_src: dict[torch.device, torch.Tensor] = {}  # per device, one int64 per slot: its next token
+        self._step_token = 0
         self._waiters: dict[int, threading.Event] = {}
         self._next_token = 0
         self._send_lock = threading.Lock()
@@ -195,6 +204,9 @@ class ProcessMaterializer:
         with self._slot_lock:  # the worker will never give its slots back
             lost = [i for i in range(len(self._slots)) if i not in self._free_slots]
             self._free_slots.extend(lost)
+            held = [self._held.pop(i) for i in list(self._held)]
+        for buf in held:
+            self.release_buffer(buf)
         for _ in lost:
             self.release_slot()
 
@@ -278,6 +290,8 @@ class ProcessMaterializer:
             if slot_id in self._free_slots:  # the worker-lost path already returned it
                 return
             self._free_slots.append(slot_id)
+            held = self._held.pop(slot_id, None)
+        self.release_buffer(held)
         self.release_slot()
 
     def _fill_and_send(self, cap: StepCapture, slot_id: int) -> bool:
@@ -296,20 +310,26 @@ class ProcessMaterializer:
                     if isinstance(v, torch.Tensor) and v.is_cuda:
                         arrays.append(((gi, name), v, np.dtype(np.int64)))
         regions: dict[Any, tuple[int, str, tuple[int, ...]]] = {}
-        off = 0
+        off = _HEADER
+        token = self._step_token
+        self._step_token += 1
         for key, t, dt in arrays:
             regions[key] = (off, dt.str, tuple(t.shape))
             off += -(-(t.numel() * dt.itemsize) // 64) * 64
         buf = slot.ensure(off, pin=on_gpu)
         views = {key: buf[o: o + int(np.prod(shape)) * np.dtype(dt).itemsize].view(dt).reshape(shape)
                  for key, (o, dt, shape) in regions.items()}
-        if on_gpu:
-            self._gpu_to_slot(cap, slot, [(views[key], t) for key, t, _ in arrays])
-        else:  # numpy releases the GIL for these copies
-            np.copyto(views["pos"], idx.numpy(), casting="unsafe")
-            if cap.scores is not None:
-                np.copyto(views["scores"], cap.scores.float().numpy())
-        self.release_buffer(cap.buffer)  # the snapshot is in the slot now
+        flag = buf[:8].view(np.int64)
+        if on_gpu and self._gpu_to_slot(cap, slot, slot_id, token, flag, [(views[key], t) for key, t, _ in arrays]):
+            with self._slot_lock:  # the DMAs may still be reading the snapshot: keep it until the worker is done
+                self._held[slot_id] = cap.buffer
+        else:
+            if not on_gpu:  # numpy releases the GIL for these copies
+                np.copyto(views["pos"], idx.numpy(), casting="unsafe")
+                if cap.scores is not None:
+                    np.copyto(views["scores"], cap.scores.float().numpy())
+                flag[0] = token
+            self.release_buffer(cap.buffer)  # the snapshot is in the slot now
         cap.buffer = None
         groups = []
         for gi, g in enumerate(cap.groups):
@@ -321,13 +341,17 @@ class ProcessMaterializer:
             "t_start_ns": cap.t_start_ns, "t_end_ns": cap.t_end_ns,
             "layer_ids": cap.layer_ids, "batch_sizes": cap.batch_sizes, "record_group": cap.record_group,
             "groups": groups, "kv_reports": cap.kv_reports, "phase": cap.phase, "dropped": self.counters.steps_dropped,
+            "token": token,
         }
         return self._send(("step", meta))
 
-    def _gpu_to_slot(self, cap: StepCapture, slot: SharedSlot, copies: list[tuple[np.ndarray, torch.Tensor]]) -> None:
-        """DMA the step's tensors into the slot on a side stream, after the snapshot's event (sorting is left to the
-        worker: fewer launches here, where every Python call competes with the model thread for the GIL). Waits
-        on a blocking event, which releases the GIL."""
+    def _gpu_to_slot(self, cap: StepCapture, slot: SharedSlot, slot_id: int, token: int, flag: np.ndarray,
+                     copies: list[tuple[np.ndarray, torch.Tensor]]) -> bool:
+        """DMA the step's tensors into the slot on a side stream, after the snapshot's event, then the step's token
+        into the slot's header; nothing here waits for the GPU (sorting is left to the worker: fewer launches here,
+        where every Python call competes with the model thread for the GIL). Returns True if the copies are still
+        in flight (the worker waits for the token), False if they are complete (the page-locked staging fallback,
+        used when the slot could not be registered, waits on a blocking event and copies on the host)."""
         stream = self._stream(cap.indices.device)
         staged = []
         with torch.cuda.stream(stream):
@@ -335,15 +359,29 @@ class ProcessMaterializer:
             for dst, src in copies:
                 if slot.registered:
                     torch.from_numpy(dst).copy_(src, non_blocking=True)
+                    src.record_stream(stream)  # the caller may free it: the allocator waits for this copy
                 else:  # page-locked staging, then a host copy below
                     st = self._stage_buffer(src, len(staged))
                     st.copy_(src, non_blocking=True)
                     staged.append((dst, st))
+            if slot.registered:
+                src_token = self._token_source(cap.indices.device)[slot_id:slot_id + 1]
+                src_token.fill_(token)
+                torch.from_numpy(flag).copy_(src_token, non_blocking=True)
+                return True
             done = torch.cuda.Event(blocking=True)
             done.record(stream)
         done.synchronize()  # releases the GIL; only this thread waits
         for dst, st in staged:
             np.copyto(dst, st.numpy(), casting="unsafe")
+        flag[0] = token
+        return False
+
+    def _token_source(self, dev: torch.device) -> torch.Tensor:
+        t = self._token_src.get(dev)
+        if t is None:
+            t = self._token_src[dev] = torch.zeros(len(self._slots), dtype=torch.int64, device=dev)
+        return t
 
     def _stage_buffer(self, like: torch.Tensor, i: int) -> torch.Tensor:
         key = (like.device, i)
@@ -368,6 +406,8 @@ class ProcessMaterializer:
                     self.worker_stats = msg[2]
                 with self._slot_lock:
                     self._free_slots.append(msg[1])
+                    held = self._held.pop(msg[1], None)
+                self.release_buffer(held)
                 self.release_slot()
             elif kind in ("flushed", "stopped"):
                 self.worker_stats = msg[2]
@@ -434,6 +474,22 @@ def _capture_from_meta(meta: dict[str, Any], m: mmap.mmap) -> StepCapture:
                        kv_reports=meta["kv_reports"], phase=meta["phase"], buffer=meta["slot"])
 
 
+def _wait_ready(m: mmap.mmap, token: int, timeout_s: float = READY_TIMEOUT_S) -> bool:
+    """Wait until the slot's header holds ``token``: the traced process's DMAs of this step have landed (they
+    complete in stream order, the token last). Polls with a short, growing sleep; this process has no GPU."""
+    flag = np.frombuffer(m, dtype=np.int64, count=1, offset=0)
+    if int(flag[0]) == token:
+        return True
+    deadline = time.monotonic() + timeout_s
+    pause = 50e-6
+    while int(flag[0]) != token:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+    return True
+
+
 def worker_main(fd: int) -> int:
     """Entry point of ``python -m dsa_otel.worker <fd>``: serve one traced process over the socket ``fd``."""
     import warnings
@@ -486,7 +542,10 @@ def worker_main(fd: int) -> int:
             meta = msg[1]
             tracer.counters.steps_dropped = meta["dropped"]
             try:
-                cap = _capture_from_meta(meta, _attach(maps, meta["slot"], meta["path"]))
+                m = _attach(maps, meta["slot"], meta["path"])
+                if not _wait_ready(m, meta["token"]):
+                    raise TimeoutError(f"step data did not arrive in {READY_TIMEOUT_S:.0f} s")
+                cap = _capture_from_meta(meta, m)
             except Exception as exc:
                 log.error("could not read a step from shared memory", error=repr(exc))
                 tracer.counters.steps_failed += 1

@@ -101,3 +101,37 @@ def test_sketch_rejects_negative_and_nan():
         LogSketch().add([-1.0])
     with pytest.raises(ValueError):
         LogSketch().add([float("nan")])
+
+
+def test_summary_batches_steps_without_changing_the_result(monkeypatch):
+    """SummaryAccumulator folds buffered steps into its sketches in batches: folding every step, every 3 steps, or
+    only at the end gives the same summary, and its counts and totals are those of the steps fed."""
+    from dsa_otel import semconv as sc
+    from dsa_otel.summary import SummaryAccumulator
+    from dsa_otel.wire import StepPayload
+
+    rng = np.random.default_rng(4)
+    columns = ("unique_blocks", "touched_block_ratio", "tokens_per_touched_block.mean", "offset_p50", "offset_min",
+               "offset_max", "prefix_intersection_blocks", "kv_fetch.hbm.bytes_read")
+    steps = []
+    for i in range(10):
+        stats = rng.integers(1, 50, size=(4, len(columns))).astype(np.float64)
+        stats[:, 1] = rng.random(4)
+        buckets = np.unique(rng.integers(100, 200, size=5))
+        p = StepPayload(layer_ids=np.arange(4), columns=columns, stats=stats, offset_hist_mbits=3,
+                        offset_hist_buckets=buckets, offset_hist_counts=np.full(buckets.size, 2))
+        steps.append(({sc.REQUEST_ID: i % 3, sc.PREFIX_CACHED_BLOCKS: 2 if i % 2 else 0}, p))
+
+    def summary(batch: int) -> dict:
+        monkeypatch.setattr(SummaryAccumulator, "BATCH_STEPS", batch)
+        acc = SummaryAccumulator()
+        for attrs, p in steps:
+            acc.add_step(attrs, p)
+        return acc.to_json()
+
+    each, threes, once = summary(1), summary(3), summary(10_000)
+    assert each == threes == once
+    assert once["records"] == 40 and once["steps"] == 10 and once["requests"] == 3
+    assert once["unique_blocks"]["count"] == 40 and once["prefix_intersection_ratio"]["count"] == 20
+    assert once["offsets"]["count"] == sum(int(p.offset_hist_counts.sum()) for _, p in steps)
+    assert once["kv_fetch_totals"]["hbm"]["bytes_read"] == sum(float(p.stats[:, 7].sum()) for _, p in steps)
