@@ -172,3 +172,26 @@ def test_worker_finishes_the_shards_when_the_traced_process_is_killed(tmp_path):
     assert not [f for f in os.listdir(run) if f.endswith(".partial")]  # finalised by the worker itself
     assert len(records(str(tmp_path / "r"))) == 72
     assert os.path.exists(run / "summary.json")
+
+
+def test_worker_reads_a_slot_only_once_its_token_has_landed(tmp_path):
+    """The traced process sends a step's message before its DMAs finish; the worker waits for the step's token in
+    the slot header (written after the data) and gives up, counting the step failed, if it never comes."""
+    import mmap
+    import threading
+
+    from dsa_otel.worker import _wait_ready
+
+    path = tmp_path / "slot"
+    path.write_bytes(bytes(4096))
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+    header = np.frombuffer(m, dtype=np.int64, count=1)
+    assert not _wait_ready(m, 7, timeout_s=0.05)  # never written: a timeout, not a hang
+    timer = threading.Timer(0.05, lambda: header.__setitem__(0, 7))
+    timer.start()
+    assert _wait_ready(m, 7, timeout_s=5)  # arrives while waiting
+    timer.join()
+    assert not _wait_ready(m, 8, timeout_s=0.01)  # a later step's token is a different number
+    del header
+    m.close()
