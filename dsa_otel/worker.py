@@ -478,8 +478,6 @@ def _wait_ready(m: mmap.mmap, token: int, timeout_s: float = READY_TIMEOUT_S) ->
     """Wait until the slot's header holds ``token``: the traced process's DMAs of this step have landed (they
     complete in stream order, the token last). Polls with a short, growing sleep; this process has no GPU."""
     flag = np.frombuffer(m, dtype=np.int64, count=1, offset=0)
-    if int(flag[0]) == token:
-        return True
     deadline = time.monotonic() + timeout_s
     pause = 50e-6
     while int(flag[0]) != token:

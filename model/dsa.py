@@ -240,6 +240,8 @@ class Indexer(nn.Module):
         T = keys.shape[1]
         group = max(1, min(H, self.SCORE_BUDGET_BYTES // max(1, B * S * T * 4)))
         keys_t = keys.transpose(1, 2)  # [B, D, T]
+        if not on_tensor_cores(keys_t):
+            keys_t = keys_t.float()  # once for all head groups (bmm_f32 would convert it per group)
         out = torch.zeros(B * S, 1, T, device=q.device, dtype=torch.float32)
         for h0 in range(0, H, group):
             h1 = min(H, h0 + group)
@@ -253,9 +255,14 @@ def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched a @ b with a float32 result. On CUDA, half-precision inputs go to the tensor cores with float32
     output (each product of two bf16 values is exact in float32, so this equals the float32 matmul up to summation
     order) instead of first copying both operands to float32; elsewhere both are converted."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+    if on_tensor_cores(a) and b.dtype == a.dtype:
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.float(), b.float())
+
+
+def on_tensor_cores(t: torch.Tensor) -> bool:
+    """Whether ``bmm_f32`` multiplies ``t`` as it is (half precision on CUDA) rather than as a float32 copy."""
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
 
 
 class MLA(nn.Module):

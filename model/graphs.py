@@ -67,10 +67,6 @@ class DecodeGraph:
         self.logits: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
 
-    @property
-    def captured(self) -> bool:
-        return self._graph is not None
-
     def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor, table: torch.Tensor, *, tracer: Any = None,
                  request_ids: Sequence[Any] | None = None) -> torch.Tensor:
         B, W = self.batch_size, self.table_width
