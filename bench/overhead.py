@@ -54,6 +54,10 @@ class SeedAdapter:
         self.records = 0
 
     def record_topk(self, layer_id, topk, seq_lens, request_ids, step=None, scores=None, block_table=None):
+        if not isinstance(layer_id, int):  # a CUDA graph hands over all layers at once; the seed took them one by one
+            for i, lid in enumerate(layer_id):
+                self.record_topk(lid, topk[i], seq_lens, request_ids)
+            return
         end_pos = int(seq_lens[0])  # the seed took start_pos / end_pos as Python ints (one more sync)
         self.seed.record_dsa_topk(layer_id, topk, end_pos - 1, end_pos, request_ids)
         self.records += len(request_ids)

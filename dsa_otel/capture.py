@@ -1,9 +1,11 @@
 """Model-thread side of tracing: collect a step's top-k tensors and snapshot them with one device copy.
 
-``record_topk`` only appends references to a list (O(1) Python, no device work). ``end_step`` concatenates the
+``record_topk`` only appends references to a list (O(1) Python, no device work); one call may carry one layer
+([B, K]) or all layers of a step ([L, B, K], e.g. a CUDA graph's static buffer). ``end_step`` concatenates the
 step's selections with one ``torch.cat`` on the producer's current stream (so later in-place writes by the model
-cannot race it), records a CUDA event, and hands the snapshot to the materializer. No sync, no ``.tolist()``,
-nothing proportional to K or to the number of tokens runs on this thread.
+cannot race it) into a reused int32 buffer; on a GPU the groups' per-request vectors (seq_lens, block tables)
+join the same buffer, so one copy later moves the whole step to the host. It records a CUDA event and hands the
+snapshot on. No sync, no ``.tolist()``, nothing proportional to K or to the number of tokens runs on this thread.
 
 Contract: tensors passed to ``record_topk`` must not be modified in place before ``end_step`` of that step
 (every engine we hook produces fresh top-k tensors per layer; a caller that reuses one buffer for all layers must
@@ -55,6 +57,11 @@ class StepCapture:
     kv_reports: list[KVReport] = field(default_factory=list)
     phase: str = "decode"
     buffer: Any = None             # the SnapshotRing buffer (or worker slot) behind ``indices``, returned after use
+    # On a GPU the selections and the groups' device vectors (seq_lens, block tables, steps) are snapshotted
+    # together into one flat int32 region, so that one copy moves the whole step off the device: ``packed`` is
+    # that region and ``packed_layout`` maps "pos" / (group index, field name) to (element offset, shape).
+    packed: torch.Tensor | None = None
+    packed_layout: dict[Any, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
 
 
 class SnapshotRing:
@@ -85,19 +92,21 @@ class SnapshotRing:
 
 
 class StepCollector:
-    """Accumulates the current step's records on the model thread."""
+    """Accumulates the current step's records on the model thread. One ``add`` holds one layer's [B, K]
+    selection or several layers' [L, B, K] at once (what a captured CUDA graph leaves in one static buffer)."""
 
-    __slots__ = ("layer_ids", "indices", "scores", "group_of", "groups", "group_ids", "t_start_ns",
-                 "kv_reports", "phase")
+    __slots__ = ("layer_ids", "batch_sizes", "group_of", "tensors", "scores", "groups", "group_ids",
+                 "t_start_ns", "kv_reports", "phase")
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.layer_ids: list[int] = []
-        self.indices: list[torch.Tensor] = []
-        self.scores: list[torch.Tensor | None] = []
-        self.group_of: list[int] = []
+        self.layer_ids: list[int] = []      # per record (a layer of a batch group)
+        self.batch_sizes: list[int] = []    # per record
+        self.group_of: list[int] = []       # per record
+        self.tensors: list[torch.Tensor] = []          # per add: [B, K] or [L, B, K]
+        self.scores: list[torch.Tensor | None] = []    # per add
         self.groups: list[BatchGroup] = []
         self.group_ids: dict[tuple[int, int, int, int], int] = {}
         self.t_start_ns = 0
@@ -105,11 +114,12 @@ class StepCollector:
         self.phase = "decode"
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.tensors)
 
-    def add(self, layer_id: int, topk: torch.Tensor, seq_lens: Any, request_ids: Sequence[int | str],
+    def add(self, layer_ids: Sequence[int], topk: torch.Tensor, seq_lens: Any, request_ids: Sequence[int | str],
             step: Any, scores: torch.Tensor | None, block_table: torch.Tensor | None) -> None:
-        if not self.indices:
+        """Record ``topk`` ([B, K] for one layer id, [L, B, K] for L layer ids)."""
+        if not self.tensors:
             self.t_start_ns = time.time_ns()
         key = (id(request_ids), id(seq_lens), id(block_table), id(step))
         g = self.group_ids.get(key)
@@ -118,35 +128,60 @@ class StepCollector:
             self.group_ids[key] = g
             self.groups.append(BatchGroup(request_ids=request_ids, seq_lens=seq_lens,  # snapshotted in end_step
                                           block_table=block_table, steps=step))
-        self.layer_ids.append(layer_id)
-        self.indices.append(topk)
+        n = len(layer_ids)
+        self.layer_ids.extend(layer_ids)
+        self.batch_sizes.extend([topk.shape[-2]] * n)
+        self.group_of.extend([g] * n)
+        self.tensors.append(topk)
         self.scores.append(scores)
-        self.group_of.append(g)
 
     def snapshot(self, ring: SnapshotRing | None = None) -> StepCapture:
         """One device copy of everything recorded in this step (called by end_step on the model thread)."""
-        idx_list = self.indices
+        idx_list = self.tensors
         k = idx_list[0].shape[-1]
         if any(t.shape[-1] != k for t in idx_list):  # rare: pad to the widest selection with -1
             k = max(t.shape[-1] for t in idx_list)
             idx_list = [torch.nn.functional.pad(t, (0, k - t.shape[-1]), value=-1) for t in idx_list]
-        parts = [t.reshape(-1, k) for t in idx_list]
-        rows = sum(p.shape[0] for p in parts)
-        buffer = None
-        if ring is not None and not parts[0].is_floating_point():
-            # int32 snapshot: positions are < 2**31; half the bytes to copy, sort and move to the host
-            buffer = ring.acquire(parts[0].device, torch.int32, rows * k)
-            indices = torch.cat(parts, 0, out=buffer[: rows * k].view(rows, k))
+        rows = sum(self.batch_sizes)
+        first = idx_list[0]
+        buffer, packed, layout = None, None, {}
+        groups = [BatchGroup(request_ids=g.request_ids, seq_lens=g.seq_lens, block_table=g.block_table,
+                             steps=g.steps) for g in self.groups]
+        if ring is not None and not first.is_floating_point():
+            # int32 snapshot: positions (and block ids, lengths) are < 2**31; half the bytes to copy and sort.
+            # On a GPU the groups' device vectors join the selections in the same buffer (one cat, one D2H).
+            parts = [t.reshape(-1) for t in idx_list]
+            layout["pos"] = (0, (rows, k))
+            off = rows * k
+            if first.is_cuda:
+                for gi, g in enumerate(groups):
+                    for name in ("seq_lens", "block_table", "steps"):
+                        v = getattr(g, name)
+                        if isinstance(v, torch.Tensor) and v.device == first.device and not v.is_floating_point():
+                            layout[(gi, name)] = (off, tuple(v.shape))
+                            parts.append(v.reshape(-1))
+                            off += v.numel()
+            buffer = ring.acquire(first.device, torch.int32, off)
+            packed = torch.cat(parts, 0, out=buffer[:off])
+            indices = packed[: rows * k].view(rows, k)
+            for (gi, name), (o, shape) in ((key, v) for key, v in layout.items() if key != "pos"):
+                setattr(groups[gi], name, packed[o: o + int(np.prod(shape))].view(shape))
+            if not first.is_cuda:
+                packed, layout = None, {}
         else:
-            indices = torch.cat(parts, 0)
+            indices = torch.cat([t.reshape(-1, k) for t in idx_list], 0)
         scores = None
         if all(s is not None for s in self.scores):
             scores = torch.cat([s.reshape(-1, s.shape[-1]) for s in self.scores], 0)  # type: ignore[union-attr]
             if scores.shape[1] != k:
                 scores = None
-        groups = [BatchGroup(request_ids=g.request_ids, seq_lens=_snap(g.seq_lens),
-                             block_table=None if g.block_table is None else g.block_table.clone(),
-                             steps=_snap(g.steps)) for g in self.groups]
+        for gi, g in enumerate(groups):  # whatever is not in the packed buffer is frozen now
+            if (gi, "seq_lens") not in layout:
+                g.seq_lens = _snap(g.seq_lens)
+            if (gi, "steps") not in layout:
+                g.steps = _snap(g.steps)
+            if (gi, "block_table") not in layout and g.block_table is not None:
+                g.block_table = g.block_table.clone()
         event = None
         if indices.is_cuda:
             event = torch.cuda.Event()
@@ -154,10 +189,10 @@ class StepCollector:
         return StepCapture(
             t_start_ns=self.t_start_ns, t_end_ns=time.time_ns(),
             layer_ids=np.asarray(self.layer_ids, dtype=np.int64),
-            batch_sizes=np.asarray([t.shape[0] if t.dim() > 1 else 1 for t in self.indices], dtype=np.int64),
+            batch_sizes=np.asarray(self.batch_sizes, dtype=np.int64),
             record_group=np.asarray(self.group_of, dtype=np.int64),
             groups=groups, indices=indices, scores=scores, event=event, kv_reports=self.kv_reports,
-            phase=self.phase, buffer=buffer)
+            phase=self.phase, buffer=buffer, packed=packed, packed_layout=layout)
 
 
 def _snap(x: Any) -> Any:

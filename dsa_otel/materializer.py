@@ -116,6 +116,14 @@ class Materializer:
         self.thread = threading.Thread(target=self._run, name="dsa-otel-materializer", daemon=True)
         self.thread.start()
 
+    # ------------------------------------------------------------------ input
+    def submit(self, msg: tuple) -> None:
+        """Hand a message to the materializer thread (never blocks)."""
+        self.queue.put(msg)
+
+    def poll(self) -> None:
+        """Nothing to collect here: this thread releases each ring slot itself when it is done with a step."""
+
     # ------------------------------------------------------------------ loop
     def _run(self) -> None:
         while True:
@@ -405,6 +413,19 @@ class Materializer:
     def _groups_to_host(self, cap: StepCapture) -> None:
         """Copy device-resident per-request vectors (seq_lens, block tables, steps) to the host on the side
         stream, after the snapshot's event, so this thread never waits on the model's stream."""
+        if cap.packed is not None and len(cap.packed_layout) > 1:  # one copy of the region holding them all
+            stream = self._stream(cap.indices.device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(cap.event)
+                flat = cap.packed[cap.indices.numel():].to("cpu", non_blocking=True)
+                _wait(stream)
+            host = flat.numpy().astype(np.int64)
+            base = cap.indices.numel()
+            for key, (off, shape) in cap.packed_layout.items():
+                if key != "pos":
+                    gi, name = key
+                    setattr(cap.groups[gi], name, host[off - base: off - base + int(np.prod(shape))].reshape(shape))
+            return
         dev_tensors = [(g, name) for g in cap.groups for name in ("seq_lens", "block_table", "steps")
                        if isinstance(getattr(g, name), torch.Tensor) and getattr(g, name).is_cuda]
         if not dev_tensors:

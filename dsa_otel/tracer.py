@@ -10,7 +10,7 @@ Call pattern per decode step::
     tracer.end_request(rid)
 
 Everything above is cheap and never waits: ``record_topk`` appends a reference, ``end_step`` issues one
-``torch.cat`` (a device copy on CUDA) and queues it. When the materializer is behind and all ``ring_slots`` are
+``torch.cat`` (a device copy on CUDA) and hands it on. When the materializer is behind and all ``ring_slots`` are
 in flight, the step is dropped and counted instead. With ``enabled=False`` every method returns at once.
 """
 
@@ -139,7 +139,7 @@ class DSATracer:
         if not self.enabled:
             return False
         link = remote_parent_link(traceparent) if traceparent else None
-        self.materializer.queue.put(("start", request_id, time.time_ns(), int(prompt_len),
+        self.materializer.submit(("start", request_id, time.time_ns(), int(prompt_len),
                                      dict(attributes) if attributes else None, link))
         return self.is_sampled(request_id)
 
@@ -155,41 +155,53 @@ class DSATracer:
             raise ValueError("cached_blocks must be >= 0")
         hit = cached_blocks * self.config.kv_block_size if hit_tokens is None else int(hit_tokens)
         phys = list(physical_block_ids) if physical_block_ids is not None else None
-        self.materializer.queue.put(("prefix", request_id, time.time_ns(), int(cached_blocks), hit, phys, prefix_key))
+        self.materializer.submit(("prefix", request_id, time.time_ns(), int(cached_blocks), hit, phys, prefix_key))
 
     def end_prefill(self, request_id: int | str) -> None:
         """Mark the end of the request's prefill (otherwise its first traced decode step does)."""
         if self.enabled:
-            self.materializer.queue.put(("end_prefill", request_id, time.time_ns()))
+            self.materializer.submit(("end_prefill", request_id, time.time_ns()))
 
     def end_request(self, request_id: int | str, attributes: Mapping[str, Any] | None = None) -> None:
         """Close the request's trace (latency figures such as TTFT can go in ``attributes``)."""
         if self.enabled:
-            self.materializer.queue.put(("end", request_id, time.time_ns(), dict(attributes) if attributes else None))
+            self.materializer.submit(("end", request_id, time.time_ns(), dict(attributes) if attributes else None))
 
     # ------------------------------------------------------------------ A, B, C
-    def record_topk(self, layer_id: int, topk_indices: torch.Tensor, seq_lens: torch.Tensor | Sequence[int],
-                    request_ids: Sequence[int | str], step: int | Sequence[int] | torch.Tensor | None = None,
-                    scores: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> None:
-        """A (+B): the indexer's top-k token positions of one layer for a batch.
+    def record_topk(self, layer_id: int | Sequence[int], topk_indices: torch.Tensor,
+                    seq_lens: torch.Tensor | Sequence[int], request_ids: Sequence[int | str],
+                    step: int | Sequence[int] | torch.Tensor | None = None, scores: torch.Tensor | None = None,
+                    block_table: torch.Tensor | None = None) -> None:
+        """A (+B): the indexer's top-k token positions of one layer (or of several layers at once) for a batch.
 
         Args:
-            layer_id: the layer.
-            topk_indices: [B, K] (or [K]) positions into each request's context; -1 or >= seq_len = padding.
+            layer_id: the layer; or a sequence of L layer ids when ``topk_indices`` holds L layers ([L, B, K]),
+                e.g. the static buffer a CUDA graph of the whole step writes: one call, one record per layer.
+            topk_indices: [B, K] (or [K]; [L, B, K] with L layer ids) positions into each request's context;
+                -1 or >= seq_len = padding.
             seq_lens: [B] tokens in context (the seed's ``end_pos``); tensor (any device) or ints.
             request_ids: B request ids (ints or strings); pass the same list object for every layer of a step.
             step: the decode position(s) (the seed's ``start_pos``); default ``seq_len - 1``.
-            scores: [B, K] indexer scores aligned with ``topk_indices`` (optional).
+            scores: indexer scores aligned with ``topk_indices`` (optional, same shape).
             block_table: [B, max_blocks] logical -> physical KV block ids of each request (optional, B).
         Nothing here waits for the device or copies per element; see capture.py for the contract.
         """
         if not self.enabled:
             return
-        if topk_indices.dim() == 1:
-            topk_indices = topk_indices.unsqueeze(0)
-            if scores is not None and scores.dim() == 1:
-                scores = scores.unsqueeze(0)
-        self._collector.add(layer_id, topk_indices, seq_lens, request_ids, step, scores, block_table)
+        if isinstance(layer_id, (int, np.integer)):
+            layers: Sequence[int] = (int(layer_id),)
+            if topk_indices.dim() == 1:
+                topk_indices = topk_indices.unsqueeze(0)
+                if scores is not None and scores.dim() == 1:
+                    scores = scores.unsqueeze(0)
+        else:
+            layers = [int(x) for x in layer_id]
+            if topk_indices.dim() != 3 or topk_indices.shape[0] != len(layers):
+                raise ValueError(f"{len(layers)} layer ids need topk_indices of shape [{len(layers)}, B, K]; got "
+                                 f"{tuple(topk_indices.shape)}")
+        if scores is not None and scores.shape != topk_indices.shape:
+            raise ValueError(f"scores {tuple(scores.shape)} do not match topk_indices {tuple(topk_indices.shape)}")
+        self._collector.add(layers, topk_indices, seq_lens, request_ids, step, scores, block_table)
 
     def record_kv_fetch(self, layer_id: int, request_ids: Sequence[int | str], tier: str, *,
                         bytes_read: Sequence[float] | np.ndarray, read_ops: Sequence[float] | np.ndarray,
@@ -217,6 +229,7 @@ class DSATracer:
                 self.is_sampled(rid) for g in col.groups for rid in g.request_ids):
             col.reset()
             return False
+        self.materializer.poll()  # process worker: take back the slots the worker has finished with
         if not self._slots.acquire(blocking=False):
             self.counters.steps_dropped += 1
             col.reset()
@@ -229,7 +242,7 @@ class DSATracer:
             col.reset()
             raise
         col.reset()
-        self.materializer.queue.put(("step", cap))
+        self.materializer.submit(("step", cap))
         return True
 
     # ------------------------------------------------------------------ flushing
@@ -239,7 +252,7 @@ class DSATracer:
             return True
         deadline = time.monotonic() + timeout_s
         done = threading.Event()
-        self.materializer.queue.put(("flush", done))
+        self.materializer.submit(("flush", done))
         ok = done.wait(timeout_s) and getattr(self.materializer, "alive", True)
         for p in self.processors:
             left = max(0.0, deadline - time.monotonic())
@@ -253,7 +266,7 @@ class DSATracer:
         self._closed = True
         deadline = time.monotonic() + timeout_s
         done = threading.Event()
-        self.materializer.queue.put(("stop", done))
+        self.materializer.submit(("stop", done))
         if not done.wait(timeout_s):
             log.warning("materializer did not finish in time; pending steps are lost", timeout_s=timeout_s)
         for p in self.processors:

@@ -3,36 +3,41 @@
 Why: the statistics, span building and export of a traced step are Python and numpy work. In a background
 *thread* they share the traced process's GIL with the model thread, whose every kernel launch needs it; on a GPU
 a few milliseconds of tracing work per step then stretch the step itself (measured in docs/performance.md). Here
-that work runs in a separate interpreter and the traced process keeps only what cannot move:
+that work runs in a separate interpreter, and the traced process keeps only what cannot move, all of it on the
+caller's thread inside ``end_step``, so that no thread of the traced process wakes up per step:
 
-model thread   record_topk / end_step exactly as with the thread worker (one ``torch.cat``, an event, a queue put)
-shipper thread (traced process) per step: on a side stream, after the snapshot's event, copy the selections
-               and the per-request vectors (seq_lens, block tables) straight into a shared-memory slot
-               (page-locked with ``cudaHostRegister``, so each copy is one DMA), then copy the step's token into
-               the slot's first 8 bytes; send a small message (request ids, record layout, where each array sits
-               in the slot, the token) over a socket at once, without waiting for the GPU. The worker waits until
-               the token appears in the slot (the DMAs of one stream complete in order, so the data is there
-               before it). The shipper thus never wakes when the GPU finishes a step, the moment the model thread
-               wakes too and needs the GIL. On the CPU numpy copies the snapshot into the slot (GIL released).
-               The worker sorts (numpy's SIMD sort): every launch left here competes for the GIL.
-receiver thread (traced process) gives a slot (and its snapshot buffer) back when the worker says it is done,
-               and keeps its counters.
+end_step       one ``torch.cat`` of the step's selections and per-request vectors into one int32 buffer (capture.py);
+(model thread) then, on a side stream after the snapshot's event, one DMA of that buffer into a shared-memory slot
+               (page-locked with ``cudaHostRegister``) and a DMA of the step's token into the slot's header; then a
+               small message (request ids, record layout, where each array sits in the slot, the token) written
+               straight to the worker's socket. Nothing waits for the GPU: the worker waits until the token appears
+               in the slot (the DMAs of one stream complete in order, so the data is there before it). On the CPU
+               numpy copies the snapshot into the slot. Before taking a slot, ``poll`` reads the slots' done words:
+               the worker writes a step's token there when it has finished with it, so giving a slot back needs no
+               message either.
+sender thread  only when the socket is full (the worker is behind): it writes what did not fit, in order.
+receiver       answers to flush / stop and the worker's counters, a few times a second.
 worker process ``python -m dsa_otel.worker``: an ordinary thread-mode pipeline (Materializer, span processors,
-               exporters, summary.json) fed from the socket, so records are identical to thread mode.
+               exporters, summary.json) fed from the socket, so records are identical to thread mode. It sorts
+               (numpy's SIMD sort), so the traced process launches no sort kernels.
 
 Failure handling: if the worker dies, the traced process logs it once, counts the steps it can no longer hand over
 as failed and carries on; a crash of the traced process ends the worker's input, and the worker then finishes
 and closes what it already has (its shards stay valid). The number of steps in flight is bounded by
-``ring_slots`` in both processes, so a slow disk makes steps drop (counted), never block the model.
+``ring_slots`` in both processes, so a slow disk makes steps drop (counted), never block the model; a worker that
+stops reading its socket altogether is declared lost once 64 MB of messages wait for it.
 """
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
+import pickle
 import queue
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -69,6 +74,7 @@ class SharedSlot:
         self.size = 0
         self._map: mmap.mmap | None = None
         self.array: np.ndarray | None = None
+        self._header: np.ndarray | None = None
         self.registered = False
 
     def ensure(self, nbytes: int, pin: bool) -> np.ndarray:
@@ -92,13 +98,24 @@ class SharedSlot:
             os.close(fd)
         self.size = size
         self.array = np.frombuffer(self._map, dtype=np.uint8)
+        self._header = self.array[:16].view(np.int64)
+
+    def header(self) -> np.ndarray:
+        """The slot's two header words: [0] the token of the step it holds (written after the data), [1] the token
+        of the step the worker has finished with (written by the worker)."""
+        if self._header is None:
+            self.ensure(_HEADER, pin=False)
+        return self._header  # type: ignore[return-value]
+
+    def done_token(self) -> int:
+        return int(self._header[1]) if self._header is not None else -1
 
     def close(self) -> None:
         """Unmap and delete the file (the worker keeps its own mapping of the inode until it lets go)."""
         if self.registered and self.array is not None:
             _host_unregister(self.array)
         self.registered = False
-        self.array = None
+        self.array = self._header = None
         if self._map is not None:
             try:
                 self._map.close()
@@ -136,8 +153,109 @@ def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
+class _Outbox:
+    """Messages to the worker, in order, without ever blocking the caller.
+
+    ``send`` pickles the message and writes it straight to the socket with ``MSG_DONTWAIT``: in the steady state
+    that is the whole cost (tens of microseconds, no thread hand-over). Only when the socket buffer is full (the
+    worker is behind) does the rest go to a queue that a sender thread writes with blocking sends; later messages
+    queue behind it, so the order is kept. A worker that stops reading altogether (``limit_bytes`` queued) is
+    treated as lost rather than letting the queue grow without bound."""
+
+    def __init__(self, sock: socket.socket, on_lost: Callable[[str], None], limit_bytes: int = 64 << 20) -> None:
+        self._sock, self._on_lost, self._limit = sock, on_lost, limit_bytes
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: collections.deque[memoryview] = collections.deque()
+        self._pending_bytes = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def send(self, msg: Any) -> bool:
+        payload = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        data = memoryview(struct.pack("!i", len(payload)) + payload)  # multiprocessing.Connection's framing
+        lost = None
+        with self._cond:
+            if self._closed:
+                return False
+            if not self._pending:
+                try:
+                    n = self._sock.send(data, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as exc:
+                    lost = f"send failed ({exc!r})"
+                    n = -1
+                if n == len(data):
+                    return True
+                if n >= 0:
+                    data = data[n:]
+            if lost is None and self._pending_bytes + len(data) > self._limit:
+                lost = f"the worker stopped reading ({self._pending_bytes} bytes queued)"
+            if lost is None:
+                self._pending.append(data)
+                self._pending_bytes += len(data)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._drain, name="dsa-otel-sender", daemon=True)
+                    self._thread.start()
+                self._cond.notify()
+                return True
+            self._closed = True
+        self._on_lost(lost)
+        return False
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                data = self._pending[0]
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                with self._cond:
+                    was_closed, self._closed = self._closed, True
+                if not was_closed:
+                    self._on_lost(f"send failed ({exc!r})")
+                return
+            with self._cond:
+                self._pending.popleft()
+                self._pending_bytes -= len(data)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+
+class _LateCopies:
+    """The fallback for a slot the driver would not page-lock: a thread waits for the DMA into a pinned staging
+    buffer, copies it into the slot and writes the step's token (the model thread never waits on the GPU)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="dsa-otel-late-copies", daemon=True)
+        self._thread.start()
+
+    def put(self, event: Any, copies: list[tuple[np.ndarray, torch.Tensor]], header: np.ndarray, token: int) -> None:
+        self._jobs.put((event, copies, header, token))
+
+    def _run(self) -> None:
+        while True:
+            event, copies, header, token = self._jobs.get()
+            try:
+                event.synchronize()  # a blocking-sync event: only this thread sleeps, the GIL is released
+                for dst, st in copies:
+                    np.copyto(dst, st.numpy(), casting="unsafe")
+                header[0] = token
+            except Exception as exc:  # the worker then times out on this step and counts it failed
+                log.error("could not copy a step into shared memory", error=repr(exc))
+
+
 class ProcessMaterializer:
-    """The traced process's half of ``worker="process"``: same ``queue`` protocol as ``Materializer``."""
+    """The traced process's half of ``worker="process"``: the same ``submit`` / ``poll`` interface as
+    ``Materializer``, but a step is handed over on the caller's thread, with no thread of this process woken."""
 
     def __init__(self, config: TraceConfig, kv_fetch_model: KVFetchModel | None, counters: Counters,
                  release_slot: Callable[[], None], release_buffer: Callable[[Any], None],
@@ -153,18 +271,18 @@ class ProcessMaterializer:
         self._failed_here = 0
         self._lost_logged = False
         self._streams: dict[torch.device, Any] = {}
-        self._staging: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self._staging: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+        self._late: _LateCopies | None = None
         tag = f"{os.getpid()}-{secrets.token_hex(4)}"
         directory = _shm_dir()
         self._slots = [SharedSlot(directory, tag, i) for i in range(config.ring_slots)]
         self._free_slots: list[int] = list(range(config.ring_slots))
+        self._in_flight: dict[int, tuple[int, Any]] = {}  # slot -> (its step's token, what to keep until done)
         self._slot_lock = threading.Lock()
-        self._held: dict[int, Any] = {}  # slot -> snapshot buffer its DMAs read, released when the worker is done
         self._token_src: dict[torch.device, torch.Tensor] = {}  # per device, one int64 per slot: its next token
-        self._step_token = 0
+        self._step_token = 0  # tokens start at 1: a fresh slot's header reads 0
         self._waiters: dict[int, threading.Event] = {}
         self._next_token = 0
-        self._send_lock = threading.Lock()
 
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ)
@@ -173,28 +291,37 @@ class ProcessMaterializer:
         self.process = subprocess.Popen([sys.executable, "-m", "dsa_otel.worker", str(child_sock.fileno())],
                                         pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
         child_sock.close()
-        self.conn = Connection(parent_sock.detach())
-        self._send(("init", config.replace(worker="thread"), kv_fetch_model, resource_attributes or {}))
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._sock = parent_sock
+        self._outbox = _Outbox(parent_sock, self._worker_lost)
+        self._rx = Connection(os.dup(parent_sock.fileno()))
+        self._outbox.send(("init", config.replace(worker="thread"), kv_fetch_model, resource_attributes or {}))
         self._receiver = threading.Thread(target=self._receive, name="dsa-otel-receiver", daemon=True)
         self._receiver.start()
-        self.thread = threading.Thread(target=self._run, name="dsa-otel-shipper", daemon=True)
-        self.thread.start()
 
     # ------------------------------------------------------------------ messages to the worker
+    def submit(self, msg: tuple) -> None:
+        """Hand a message over (never blocks; a step's data goes through its shared-memory slot)."""
+        kind = msg[0]
+        if kind == "step":
+            try:
+                self._ship_step(msg[1])
+            except Exception as exc:  # tracing never takes the model down
+                log.exception("could not hand a step to the tracing worker", error=repr(exc))
+                self._failed_here += 1
+        elif kind == "flush":
+            self._request(("flush",), msg[1])
+        elif kind == "stop":
+            # shutdown waits on ``done`` with its own timeout: the bounded wait for the worker runs aside
+            threading.Thread(target=self._stop, args=(msg[1],), name="dsa-otel-stop", daemon=True).start()
+        else:
+            self._send(msg)
+
     def _send(self, msg: Any) -> bool:
-        if not self.alive:
-            return False
-        try:
-            with self._send_lock:
-                self.conn.send(msg)
-            return True
-        except (OSError, EOFError, ValueError) as exc:
-            self._worker_lost(repr(exc))
-            return False
+        return self.alive and self._outbox.send(msg)
 
     def _worker_lost(self, why: str) -> None:
         self.alive = False
+        self._outbox.close()
         if not self._lost_logged:
             self._lost_logged = True
             log.error("the tracing worker process is gone; further steps are counted as failed", reason=why,
@@ -202,34 +329,12 @@ class ProcessMaterializer:
         for ev in list(self._waiters.values()):
             ev.set()
         with self._slot_lock:  # the worker will never give its slots back
-            lost = [i for i in range(len(self._slots)) if i not in self._free_slots]
-            self._free_slots.extend(lost)
-            held = [self._held.pop(i) for i in list(self._held)]
-        for buf in held:
-            self.release_buffer(buf)
-        for _ in lost:
+            lost = list(self._in_flight.items())
+            self._in_flight.clear()
+            self._free_slots.extend(slot for slot, _ in lost)
+        for _, (_, keep) in lost:
+            self.release_buffer(keep)
             self.release_slot()
-
-    def _run(self) -> None:
-        while True:
-            msg = self.queue.get()
-            kind = msg[0]
-            try:
-                if kind == "step":
-                    self._ship_step(msg[1])
-                elif kind == "flush":
-                    self._request(("flush",), msg[1])
-                elif kind == "stop":
-                    self._stop(msg[1])
-                    return
-                else:
-                    self._send(msg)
-            except Exception as exc:  # tracing never takes the model down
-                log.exception("tracing shipper failed on a message", kind=kind, error=repr(exc))
-                if kind == "step":
-                    self._failed_here += 1
-                    self.release_buffer(msg[1].buffer)
-                    msg[1].buffer = None
 
     def _request(self, msg: tuple, done: threading.Event) -> None:
         """Send a message the worker answers (flush); ``done`` is set on the answer or when the worker dies."""
@@ -251,131 +356,158 @@ class ProcessMaterializer:
             log.warning("tracing worker did not exit; terminating it")
             self.process.terminate()
         self.alive = False
-        try:
-            self.conn.close()
-        except OSError:
-            pass
+        self._outbox.close()
+        for c in (self._rx, self._sock):
+            try:
+                c.close()
+            except OSError:
+                pass
+        self.poll()
         for s in self._slots:
             s.close()
         done.set()
+
+    # ------------------------------------------------------------------ slots coming back
+    def poll(self) -> None:
+        """Take back the slots whose step the worker has finished: it writes the step's token into the slot's
+        done word. Called by ``end_step`` on the model thread: a few memory reads, no message, no thread woken."""
+        if not self._in_flight:
+            return
+        back = []
+        with self._slot_lock:
+            for slot_id, (token, keep) in list(self._in_flight.items()):
+                if self._slots[slot_id].done_token() == token:
+                    del self._in_flight[slot_id]
+                    self._free_slots.append(slot_id)
+                    back.append(keep)
+        for keep in back:
+            self.release_buffer(keep)
+            self.release_slot()
+
+    def _slot_done(self, slot_id: int, token: int) -> None:
+        """The worker said so in a message (it could not map the slot to write its done word)."""
+        with self._slot_lock:
+            got = self._in_flight.get(slot_id)
+            if got is None or got[0] != token:
+                return
+            del self._in_flight[slot_id]
+            self._free_slots.append(slot_id)
+        self.release_buffer(got[1])
+        self.release_slot()
 
     # ------------------------------------------------------------------ steps
     def _stream(self, dev: torch.device) -> Any:
         return side_stream(self._streams, dev)
 
-    def _give_back(self, cap: StepCapture) -> None:
-        self.release_buffer(cap.buffer)
-        cap.buffer = None
-        self.release_slot()
-
     def _ship_step(self, cap: StepCapture) -> None:
         if not self.alive:
             self._failed_here += 1
-            self._give_back(cap)
+            self.release_buffer(cap.buffer)
+            cap.buffer = None
+            self.release_slot()
             return
         with self._slot_lock:
-            slot_id = self._free_slots.pop()
+            slot_id = self._free_slots.pop()  # the tracer's semaphore guarantees one is free
+        self._step_token += 1
+        token = self._step_token
         try:
-            sent = self._fill_and_send(cap, slot_id)
+            keep, regions = self._fill(cap, slot_id, token)
         except BaseException:
-            self._return_slot(slot_id)
+            with self._slot_lock:
+                self._free_slots.append(slot_id)
+            self.release_buffer(cap.buffer)
+            cap.buffer = None
+            self.release_slot()
             raise
-        if not sent:
-            self._failed_here += 1
-            self._return_slot(slot_id)
-
-    def _return_slot(self, slot_id: int) -> None:
-        """Give a slot back that the worker never received (each slot is released exactly once)."""
         with self._slot_lock:
-            if slot_id in self._free_slots:  # the worker-lost path already returned it
-                return
-            self._free_slots.append(slot_id)
-            held = self._held.pop(slot_id, None)
-        self.release_buffer(held)
-        self.release_slot()
+            self._in_flight[slot_id] = (token, keep)
+        if not self._send(("step", self._meta(cap, slot_id, token, regions))):
+            self._failed_here += 1
+            self._slot_done(slot_id, token)
 
-    def _fill_and_send(self, cap: StepCapture, slot_id: int) -> bool:
+    def _fill(self, cap: StepCapture, slot_id: int, token: int) -> tuple[Any, dict[Any, tuple]]:
+        """Start moving the step's arrays into the slot, the token into its header last. Returns what must stay
+        alive until the worker is done (the snapshot buffer the DMAs read) and where each array sits."""
         slot = self._slots[slot_id]
         idx = cap.indices
         on_gpu = idx.is_cuda
-        # what goes through the slot: the selections (int32), the scores (float32), and on the GPU the
-        # per-request vectors (seq_lens, block tables, steps), so that nothing but a small message is pickled
-        arrays: list[tuple[Any, torch.Tensor, np.dtype]] = [("pos", idx, np.dtype(np.int32))]
+        # what goes through the slot: on a GPU, the packed int32 region (selections and the groups' device
+        # vectors) in one copy, else the selections; then the scores (float32)
+        arrays: list[tuple[Any, torch.Tensor, np.dtype]] = []
+        if cap.packed is not None:
+            arrays.append(("packed", cap.packed, np.dtype(np.int32)))
+        else:
+            arrays.append(("pos", idx, np.dtype(np.int32)))
         if cap.scores is not None:
             arrays.append(("scores", cap.scores, np.dtype(np.float32)))
-        if on_gpu:
-            for gi, g in enumerate(cap.groups):
-                for name in ("seq_lens", "block_table", "steps"):
-                    v = getattr(g, name)
-                    if isinstance(v, torch.Tensor) and v.is_cuda:
-                        arrays.append(((gi, name), v, np.dtype(np.int64)))
         regions: dict[Any, tuple[int, str, tuple[int, ...]]] = {}
         off = _HEADER
-        token = self._step_token
-        self._step_token += 1
         for key, t, dt in arrays:
             regions[key] = (off, dt.str, tuple(t.shape))
             off += -(-(t.numel() * dt.itemsize) // 64) * 64
         buf = slot.ensure(off, pin=on_gpu)
-        views = {key: buf[o: o + int(np.prod(shape)) * np.dtype(dt).itemsize].view(dt).reshape(shape)
-                 for key, (o, dt, shape) in regions.items()}
-        flag = buf[:8].view(np.int64)
-        if on_gpu and self._gpu_to_slot(cap, slot, slot_id, token, flag, [(views[key], t) for key, t, _ in arrays]):
-            with self._slot_lock:  # the DMAs may still be reading the snapshot: keep it until the worker is done
-                self._held[slot_id] = cap.buffer
-        else:
-            if not on_gpu:  # numpy releases the GIL for these copies
-                np.copyto(views["pos"], idx.numpy(), casting="unsafe")
-                if cap.scores is not None:
-                    np.copyto(views["scores"], cap.scores.float().numpy())
-                flag[0] = token
-            self.release_buffer(cap.buffer)  # the snapshot is in the slot now
+        views = [buf[regions[key][0]: regions[key][0] + t.numel() * dt.itemsize].view(dt).reshape(t.shape)
+                 for key, t, dt in arrays]
+        if "packed" in regions:
+            base = regions.pop("packed")[0]
+            for key, (o, shape) in cap.packed_layout.items():
+                regions[key] = (base + 4 * o, "<i4", shape)
+        keep = cap.buffer
         cap.buffer = None
+        if on_gpu:
+            self._gpu_to_slot(cap, slot, slot_id, token, list(zip(views, (t for _, t, _ in arrays))))
+            return keep, regions
+        np.copyto(views[0], idx.numpy(), casting="unsafe")  # CPU: copy now (numpy releases the GIL)
+        if cap.scores is not None:
+            np.copyto(views[1], cap.scores.float().numpy())
+        slot.header()[0] = token
+        self.release_buffer(keep)  # the snapshot is in the slot now
+        return None, regions
+
+    def _meta(self, cap: StepCapture, slot_id: int, token: int,
+              regions: dict[Any, tuple[int, str, tuple[int, ...]]]) -> dict[str, Any]:
         groups = []
         for gi, g in enumerate(cap.groups):
             groups.append((list(g.request_ids),) + tuple(
                 ("@slot",) + regions[(gi, name)] if (gi, name) in regions else _plain(getattr(g, name))
                 for name in ("seq_lens", "block_table", "steps")))
-        meta = {
-            "slot": slot_id, "path": slot.path, "regions": {k: v for k, v in regions.items() if isinstance(k, str)},
+        return {
+            "slot": slot_id, "path": self._slots[slot_id].path,
+            "regions": {k: v for k, v in regions.items() if isinstance(k, str)},
             "t_start_ns": cap.t_start_ns, "t_end_ns": cap.t_end_ns,
             "layer_ids": cap.layer_ids, "batch_sizes": cap.batch_sizes, "record_group": cap.record_group,
             "groups": groups, "kv_reports": cap.kv_reports, "phase": cap.phase, "dropped": self.counters.steps_dropped,
             "token": token,
         }
-        return self._send(("step", meta))
 
-    def _gpu_to_slot(self, cap: StepCapture, slot: SharedSlot, slot_id: int, token: int, flag: np.ndarray,
-                     copies: list[tuple[np.ndarray, torch.Tensor]]) -> bool:
+    def _gpu_to_slot(self, cap: StepCapture, slot: SharedSlot, slot_id: int, token: int,
+                     copies: list[tuple[np.ndarray, torch.Tensor]]) -> None:
         """DMA the step's tensors into the slot on a side stream, after the snapshot's event, then the step's token
-        into the slot's header; nothing here waits for the GPU (sorting is left to the worker: fewer launches here,
-        where every Python call competes with the model thread for the GIL). Returns True if the copies are still
-        in flight (the worker waits for the token), False if they are complete (the page-locked staging fallback,
-        used when the slot could not be registered, waits on a blocking event and copies on the host)."""
+        into the slot's header; nothing here waits for the GPU (the worker waits for the token; the DMAs of one
+        stream complete in order). Tensors that are not in a ring buffer get ``record_stream``."""
         stream = self._stream(cap.indices.device)
-        staged = []
+        header = slot.header()
         with torch.cuda.stream(stream):
             stream.wait_event(cap.event)
-            for dst, src in copies:
-                if slot.registered:
-                    torch.from_numpy(dst).copy_(src, non_blocking=True)
-                    src.record_stream(stream)  # the caller may free it: the allocator waits for this copy
-                else:  # page-locked staging, then a host copy below
-                    st = self._stage_buffer(src, len(staged))
-                    st.copy_(src, non_blocking=True)
-                    staged.append((dst, st))
             if slot.registered:
+                for dst, src in copies:
+                    torch.from_numpy(dst).copy_(src, non_blocking=True)
+                    if src is not cap.packed:  # the ring buffer is held until the worker is done; others are not
+                        src.record_stream(stream)  # their owner may free them: the allocator waits for this copy
                 src_token = self._token_source(cap.indices.device)[slot_id:slot_id + 1]
                 src_token.fill_(token)
-                torch.from_numpy(flag).copy_(src_token, non_blocking=True)
-                return True
+                torch.from_numpy(header[:1]).copy_(src_token, non_blocking=True)
+                return
+            staged = []  # page-locked staging, then a host copy by the late-copy thread
+            for i, (dst, src) in enumerate(copies):
+                st = self._stage_buffer(src, slot_id, i)
+                st.copy_(src, non_blocking=True)
+                staged.append((dst, st))
             done = torch.cuda.Event(blocking=True)
             done.record(stream)
-        done.synchronize()  # releases the GIL; only this thread waits
-        for dst, st in staged:
-            np.copyto(dst, st.numpy(), casting="unsafe")
-        flag[0] = token
-        return False
+        if self._late is None:
+            self._late = _LateCopies()
+        self._late.put(done, staged, header, token)
 
     def _token_source(self, dev: torch.device) -> torch.Tensor:
         t = self._token_src.get(dev)
@@ -383,8 +515,8 @@ class ProcessMaterializer:
             t = self._token_src[dev] = torch.zeros(len(self._slots), dtype=torch.int64, device=dev)
         return t
 
-    def _stage_buffer(self, like: torch.Tensor, i: int) -> torch.Tensor:
-        key = (like.device, i)
+    def _stage_buffer(self, like: torch.Tensor, slot_id: int, i: int) -> torch.Tensor:
+        key = (like.device, slot_id, i)  # per slot: a slot's staging is reused only after the worker is done
         nbytes = like.numel() * like.element_size()
         buf = self._staging.get(key)
         if buf is None or buf.numel() < nbytes:
@@ -393,22 +525,19 @@ class ProcessMaterializer:
 
     # ------------------------------------------------------------------ messages from the worker
     def _receive(self) -> None:
+        """Rare messages only: answers to flush / stop, the worker's counters (a few times a second), errors."""
         while True:
             try:
-                msg = self.conn.recv()
+                msg = self._rx.recv()
             except (EOFError, OSError) as exc:
                 if self.alive and not self._stopping:
                     self._worker_lost(f"connection closed ({exc!r})")
                 return
             kind = msg[0]
-            if kind == "done":
-                if msg[2] is not None:
-                    self.worker_stats = msg[2]
-                with self._slot_lock:
-                    self._free_slots.append(msg[1])
-                    held = self._held.pop(msg[1], None)
-                self.release_buffer(held)
-                self.release_slot()
+            if kind == "stats":
+                self.worker_stats = msg[1]
+            elif kind == "done":
+                self._slot_done(msg[1], msg[2])
             elif kind in ("flushed", "stopped"):
                 self.worker_stats = msg[2]
                 ev = self._waiters.pop(msg[1], None)
@@ -441,9 +570,9 @@ def _attach(maps: dict[int, tuple[str, mmap.mmap]], slot: int, path: str) -> mma
         return got[1]
     if got is not None:
         _close_map(got[1])
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)  # read-write: the worker writes the slot's done word
     try:
-        m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        m = mmap.mmap(fd, 0)
     finally:
         os.close(fd)
     maps[slot] = (path, m)
@@ -461,8 +590,8 @@ def _capture_from_meta(meta: dict[str, Any], m: mmap.mmap) -> StepCapture:
     def region(off: int, dt: str, shape: tuple[int, ...]) -> np.ndarray:
         return np.frombuffer(m, dtype=np.dtype(dt), count=int(np.prod(shape)), offset=off).reshape(shape)
 
-    def value(v: Any) -> Any:
-        return region(*v[1:]) if isinstance(v, tuple) and v and v[0] == "@slot" else v
+    def value(v: Any) -> Any:  # per-request vectors: copied out of the slot as int64, like a host caller's
+        return region(*v[1:]).astype(np.int64) if isinstance(v, tuple) and v and v[0] == "@slot" else v
 
     regions = meta["regions"]
     scores = torch.from_numpy(region(*regions["scores"])) if "scores" in regions else None
@@ -471,7 +600,7 @@ def _capture_from_meta(meta: dict[str, Any], m: mmap.mmap) -> StepCapture:
     return StepCapture(t_start_ns=meta["t_start_ns"], t_end_ns=meta["t_end_ns"], layer_ids=meta["layer_ids"],
                        batch_sizes=meta["batch_sizes"], record_group=meta["record_group"], groups=groups,
                        indices=torch.from_numpy(region(*regions["pos"])), scores=scores,
-                       kv_reports=meta["kv_reports"], phase=meta["phase"], buffer=meta["slot"])
+                       kv_reports=meta["kv_reports"], phase=meta["phase"], buffer=(meta["slot"], meta["token"], m))
 
 
 def _wait_ready(m: mmap.mmap, token: int, timeout_s: float = READY_TIMEOUT_S) -> bool:
@@ -515,16 +644,24 @@ def worker_main(fd: int) -> int:
     mat.release_slot = lambda: None
     last_stats = [0.0]
 
-    def done(slot: Any) -> None:
-        """Give the slot back; the counters ride along at most every 0.2 s (and on flush / stop)."""
-        if slot is None:
-            return
+    def stats_now(force: bool = False) -> None:
+        """The counters go to the traced process at most every 0.2 s (and with the flush / stop answers)."""
         now = time.monotonic()
-        stats = None
-        if now - last_stats[0] >= 0.2:
+        if force or now - last_stats[0] >= 0.2:
             last_stats[0] = now
-            stats = tracer.tracing_stats()
-        send(("done", slot, stats))
+            send(("stats", tracer.tracing_stats()))
+
+    def done(held: Any) -> None:
+        """Give the slot back: the step's token goes into the slot's done word, which the traced process reads
+        when it next ends a step (no message, so none of its threads wakes up)."""
+        if held is None:
+            return
+        slot, token, m = held
+        try:
+            np.frombuffer(m, dtype=np.int64, count=1, offset=8)[0] = token
+        except (ValueError, TypeError):  # the mapping is gone (cannot happen while the slot is in flight)
+            send(("done", slot, token))
+        stats_now()
 
     mat.release_buffer = done
     maps: dict[int, tuple[str, mmap.mmap]] = {}
@@ -547,7 +684,8 @@ def worker_main(fd: int) -> int:
             except Exception as exc:
                 log.error("could not read a step from shared memory", error=repr(exc))
                 tracer.counters.steps_failed += 1
-                send(("done", meta["slot"], tracer.tracing_stats()))
+                send(("done", meta["slot"], meta["token"]))
+                stats_now(force=True)
                 continue
             mat.queue.put(("step", cap))
         elif kind == "flush":

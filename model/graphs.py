@@ -10,9 +10,9 @@ context positions every step (positions past a sequence's length are masked, as 
 and logits are those of eager decoding). One graph serves every later step while the batch and the table width
 stay the same; an engine keeps one per (batch size, width) bucket.
 
-Tracing keeps working: the captured step copies each layer's top-k into a static buffer, and after each replay
-those rows go to ``tracer.record_topk`` with the caller's block table, exactly as an eager forward would hand
-them over (the caller then ends the step before the next replay, as it does in eager mode).
+Tracing keeps working: the captured step copies each layer's top-k into one static [L, B, K] buffer, and after
+each replay the whole buffer goes to ``tracer.record_topk`` in one call (all L layer ids) with the caller's block
+table: the same records an eager forward hands over layer by layer (the caller then ends the step before the next replay, as it does in eager mode).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class DecodeGraph:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
         self.start_pos = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.table = torch.full((batch_size, table_width), -1, dtype=torch.long, device=dev)
-        self.topk = torch.full((model.args.n_layers, batch_size, model.args.index_topk), -1, dtype=torch.long,
-                               device=dev)
+        self.topk = torch.full((model.args.n_layers, batch_size, model.args.index_topk), -1, dtype=torch.int32,
+                               device=dev)  # int32: the tracer's snapshot type (positions are < 2**31)
         self.logits: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
 
@@ -85,9 +85,8 @@ class DecodeGraph:
         self._graph.replay()
         if tracer is not None and getattr(tracer, "enabled", True):
             rids = list(request_ids) if request_ids is not None else list(range(B))
-            seq_lens = start_pos + 1
-            for layer_id in range(self.model.args.n_layers):
-                tracer.record_topk(layer_id, self.topk[layer_id], seq_lens, rids, block_table=table)
+            # all layers in one call: the tracer snapshots the [L, B, K] buffer with one copy
+            tracer.record_topk(range(self.model.args.n_layers), self.topk, start_pos + 1, rids, block_table=table)
         return self.logits
 
     def _step(self) -> torch.Tensor:

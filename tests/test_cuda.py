@@ -52,6 +52,42 @@ def test_cuda_records_equal_cpu_records(tmp_path, detail, worker):
     assert sorted(cpu, key=key) == sorted(gpu, key=key)
 
 
+def test_process_worker_recycles_slots_on_cuda(tmp_path):
+    """Two slots, twelve steps of all layers at once ([L, B, K], as a CUDA graph hands them over): each slot comes
+    back through its done word and its snapshot buffer is reused, no step is lost, and the model thread never
+    synchronises while it records, ends steps and collects slots."""
+    import time
+
+    cfg = TraceConfig(out_dir=str(tmp_path), run_name="recycle", detail="blocks", ring_slots=2, kv_block_size=16,
+                      worker="process")
+    tracer = DSATracer(cfg)
+    assert tracer.flush(timeout_s=60)
+    table = torch.arange(3 * 40, device="cuda").view(3, 40)
+    rids = [0, 1, 2]
+    for step in range(12):
+        seq = torch.tensor([300 + step, 500 + step, 40], device="cuda")
+        idx = torch.randint(0, 40, (4, 3, 64), device="cuda", dtype=torch.int32)
+        torch.cuda.set_sync_debug_mode("error")
+        tracer.record_topk(range(4), idx, seq, rids, block_table=table)
+        assert tracer.end_step()
+        torch.cuda.set_sync_debug_mode("default")
+        deadline = time.monotonic() + 30
+        while len(tracer.materializer._in_flight) == cfg.ring_slots and time.monotonic() < deadline:
+            time.sleep(0.01)
+            tracer.materializer.poll()
+    for r in rids:
+        tracer.end_request(r)
+    tracer.shutdown(timeout_s=60)
+    stats = tracer.tracing_stats()
+    assert stats["steps_captured"] == 12 and stats["steps_failed"] == 0 and stats["steps_dropped"] == 0
+    recs = list(read_records(cfg.run_dir))
+    assert len(recs) == 12 * 4 * 3
+    for r in recs:  # lengths and block tables came through the packed snapshot: row b of the table is 40 * b + i
+        b = r["request_id"]
+        assert r["physical_block_ids"] == [40 * b + x for x in r["selected_block_ids"]]
+        assert r["seq_len_current"] in ([300 + s for s in range(12)], [500 + s for s in range(12)], [40])[b]
+
+
 @pytest.mark.parametrize("worker", ["thread", "process"])
 def test_model_thread_never_synchronises(tmp_path, worker):
     tr, recs = _run(str(tmp_path), "cuda", "full", sync_check=True, worker=worker)

@@ -195,3 +195,103 @@ def test_worker_reads_a_slot_only_once_its_token_has_landed(tmp_path):
     assert not _wait_ready(m, 8, timeout_s=0.01)  # a later step's token is a different number
     del header
     m.close()
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_one_call_for_all_layers_records_what_per_layer_calls_record(tmp_path, worker):
+    """record_topk(range(L), [L, B, K]) (what a CUDA graph of the whole step hands over) gives the records of L
+    per-layer calls; a layer count that does not match the tensor is refused."""
+    rng = np.random.default_rng(3)
+    L, B, K, steps = 3, 4, 32, 3
+    seq0 = rng.integers(40, 300, size=B)
+    table = torch.from_numpy(rng.permutation(500)[:B * 20].reshape(B, 20))
+    sel = [[np.stack([rng.choice(s + t, size=K, replace=False) for s in seq0]) for _ in range(L)]
+           for t in range(steps)]
+    out = {}
+    for how in ("per-layer", "stacked"):
+        cfg = TraceConfig(out_dir=str(tmp_path / how), run_name="r", detail="full", kv_block_size=16, worker=worker,
+                          ring_slots=8)
+        tracer = DSATracer(cfg)
+        rids = list(range(B))
+        for t in range(steps):
+            seq = torch.from_numpy(seq0 + t + 1)
+            if how == "per-layer":
+                for layer in range(L):
+                    tracer.record_topk(layer, torch.from_numpy(sel[t][layer]), seq, rids, block_table=table)
+            else:
+                tracer.record_topk(range(L), torch.from_numpy(np.stack(sel[t])), seq, rids, block_table=table)
+            assert tracer.end_step()
+        with pytest.raises(ValueError, match=r"2 layer ids need topk_indices of shape \[2, B, K\]"):
+            tracer.record_topk([0, 1], torch.zeros(3, B, K, dtype=torch.long), seq, rids)
+        for r in rids:
+            tracer.end_request(r)
+        tracer.shutdown()
+        out[how] = records(str(tmp_path / how / "r"))
+    assert len(out["stacked"]) == L * B * steps
+    assert {(r["request_id"], r["step_idx"], r["layer_id"]) for r in out["stacked"]} == \
+        {(b, int(seq0[b]) + t, layer) for b in range(B) for t in range(steps) for layer in range(L)}
+    assert out["stacked"] == out["per-layer"]
+
+
+def test_outbox_never_blocks_and_keeps_the_order_when_the_reader_is_behind():
+    """The traced process writes messages straight to the socket; when the worker is not reading, the rest queue
+    (the caller returns at once), reach the reader in order once it reads, and past the limit the worker is
+    declared lost instead of the queue growing."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    from dsa_otel.worker import _Outbox
+
+    a, b = socket.socketpair()
+    lost: list[str] = []
+    box = _Outbox(a, lost.append, limit_bytes=8 << 20)
+    blob = b"x" * 50_000
+    t0 = time.monotonic()
+    for i in range(100):  # ~5 MB: far more than the socket buffer holds
+        assert box.send(("m", i, blob))
+    assert time.monotonic() - t0 < 5 and not lost
+    rx = Connection(b.detach())
+    got = [rx.recv()[1] for _ in range(100)]
+    assert got == list(range(100))
+    # a reader that never reads: the queue stops at the limit and the worker is declared lost
+    c, d = socket.socketpair()
+    lost2: list[str] = []
+    box2 = _Outbox(c, lost2.append, limit_bytes=1 << 20)
+    results = [box2.send(("m", i, blob)) for i in range(60)]
+    assert results.count(False) >= 1 and results[-1] is False
+    assert len(lost2) == 1 and "stopped reading" in lost2[0]
+    box.close()
+    box._thread.join(5)
+    assert not box._thread.is_alive()  # the sender thread ends with the outbox
+    for s in (d, a, c):
+        s.close()
+    rx.close()
+    box2._thread.join(5)
+    assert not box2._thread.is_alive() and len(lost2) == 1  # its blocked send failed; lost is reported once
+
+
+def test_process_steps_need_no_message_back(tmp_path):
+    """The worker hands a slot back by writing the step's token into the slot's done word; the traced process
+    collects it when it next ends a step. With two slots, steps paced slower than the worker keep flowing with
+    no drop, and no 'done' message reaches the traced process."""
+    cfg = TraceConfig(out_dir=str(tmp_path), run_name="r", kv_block_size=16, worker="process", ring_slots=2)
+    tracer = DSATracer(cfg)
+    assert tracer.flush(timeout_s=60)
+    mat = tracer.materializer
+    seen: list[str] = []
+    real = mat._slot_done
+    mat._slot_done = lambda *a: (seen.append("done"), real(*a))
+    kept = []
+    for s in range(30):
+        tracer.record_topk(0, torch.arange(32).view(1, 32), torch.tensor([100 + s]), [7])
+        kept.append(tracer.end_step())
+        deadline = time.monotonic() + 10
+        while len(mat._in_flight) > 1 and time.monotonic() < deadline:  # the worker is quick; pace the steps
+            time.sleep(0.005)
+            mat.poll()
+    tracer.end_request(7)
+    tracer.shutdown(timeout_s=60)
+    stats = tracer.tracing_stats()
+    assert all(kept) and stats["steps_dropped"] == 0 and stats["steps_captured"] == 30
+    assert seen == []
+    assert len(records(str(tmp_path / "r"))) == 30
