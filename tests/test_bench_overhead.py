@@ -26,3 +26,20 @@ def test_overhead_bench_smoke_on_cpu(tmp_path):
         assert e["model_thread_ms_per_step"] > 0
     assert modes["seed"]["records_per_s"] > 0
     assert modes["off"]["ratio_to_off"] == 1.0 and tiny_layers >= 2
+
+
+def test_step_breakdown_smoke_on_cpu(tmp_path):
+    """bench/step_breakdown.py runs on the CPU (eager tiny model) and reports every phase for every mode."""
+    out = tmp_path / "breakdown.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "step_breakdown.py"), "--preset", "tiny", "--device", "cpu",
+         "--configs", "2x128", "--steps", "4", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())["configs"][0]
+    assert (row["B"], row["context"]) == (2, 128)
+    assert set(row["modes"]) == {"off", "traced", "record-only"}
+    for m, e in row["modes"].items():
+        assert e["step_ms"] > 0 and e["host_graph_ms"] > 0 and e["host_wait_ms"] >= 0
+        assert e["step_ms"] >= e["host_graph_ms"]  # a phase of the step
+    assert row["modes"]["off"]["ratio_to_off"] == 1.0
