@@ -69,10 +69,10 @@ class SeedAdapter:
         self.seed.close()
 
 
-def cpu_seconds_of(tids: list[int], pid: int | None = None) -> float:
-    """utime+stime of threads of this process (and optionally of another process), from /proc."""
+def cpu_seconds_of(tids: list[int], pids: list[int] | None = None) -> float:
+    """utime+stime of threads of this process (and optionally of other processes), from /proc."""
     total = 0
-    paths = [f"/proc/self/task/{t}/stat" for t in tids] + ([f"/proc/{pid}/stat"] if pid else [])
+    paths = [f"/proc/self/task/{t}/stat" for t in tids] + [f"/proc/{p}/stat" for p in pids or []]
     for p in paths:
         try:
             fields = open(p).read().rsplit(")", 1)[1].split()
@@ -129,15 +129,17 @@ class Session:
         self.mode, self.out = mode, out
         before = {t.native_id for t in threading.enumerate()}
         self.tracer = None
-        self.worker_pid = None
+        self.worker_pids: list[int] = []
         if mode.startswith("dsa-otel"):
             _, detail, worker = mode.split("/")
-            cfg = TraceConfig(out_dir=out, run_name=mode.replace("/", "-"), detail=detail, worker=worker,
+            n = int(worker[len("process"):] or 1) if worker.startswith("process") else 1  # processN: N workers
+            cfg = TraceConfig(out_dir=out, run_name=mode.replace("/", "-"), detail=detail,
+                              worker="process" if worker.startswith("process") else worker, worker_processes=n,
                               kv_block_size=model.args.kv_block_size, ring_slots=8)
             self.tracer = DSATracer(cfg)
-            if worker == "process":
-                self.tracer.flush(timeout_s=120)  # the worker is up before timing starts
-                self.worker_pid = self.tracer.tracing_stats()["worker_pid"]
+            if cfg.worker == "process":
+                self.tracer.flush(timeout_s=120)  # the workers are up before timing starts
+                self.worker_pids = self.tracer.tracing_stats()["worker_pids"]
         self.tids = tracing_tids(before)
         self.next_request = 0
 
@@ -167,7 +169,7 @@ def run_steps(sess: Session, model, cache, seqs, T: int, steps: int, device: str
     hook_s = [0.0]
     hook = _Hook(tracer, hook_s) if tracer is not None else None
     cpu0 = cpu_seconds_of(sess.tids)
-    wcpu0 = cpu_seconds_of([], sess.worker_pid) if sess.worker_pid else 0.0
+    wcpu0 = cpu_seconds_of([], sess.worker_pids)
     dropped0 = tracer.tracing_stats()["steps_dropped"] if isinstance(tracer, DSATracer) else 0
     tok = torch.zeros(B, 1, dtype=torch.long, device=device)
     times = []
@@ -203,7 +205,7 @@ def run_steps(sess: Session, model, cache, seqs, T: int, steps: int, device: str
         seed.close()
         res["rows"] = seed.records
     res["tracing_cpu_s"] = cpu_seconds_of(sess.tids) - cpu0
-    res["worker_cpu_s"] = (cpu_seconds_of([], sess.worker_pid) - wcpu0) if sess.worker_pid else 0.0
+    res["worker_cpu_s"] = cpu_seconds_of([], sess.worker_pids) - wcpu0
     return res
 
 
@@ -225,7 +227,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seed-steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--workers", default="thread,process")
+    ap.add_argument("--workers", default="thread,process",
+                    help="thread, process, or processN (N worker processes sharing the requests), comma-separated")
     ap.add_argument("--details", default="summary,blocks,full")
     ap.add_argument("--no-seed", action="store_true")
     ap.add_argument("--graph", action="store_true",

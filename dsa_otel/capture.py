@@ -62,6 +62,8 @@ class StepCapture:
     # that region and ``packed_layout`` maps "pos" / (group index, field name) to (element offset, shape).
     packed: torch.Tensor | None = None
     packed_layout: dict[Any, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
+    # requests in the whole step when this capture holds only some of them (one of several worker processes)
+    step_requests: int = 0
 
 
 class SnapshotRing:

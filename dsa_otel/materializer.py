@@ -108,6 +108,8 @@ class Materializer:
         self.unsampled: set[int | str] = set()
         self.next_int_id = 0
         self.string_ids: dict[str, int] = {}
+        # one of several worker processes numbers string ids only inside the shards it owns (one writer per file)
+        self.owns_int_id: Callable[[int], bool] = lambda int_id: True
         self._bucket_ids = offset_bucket_bounds(OFFSET_HIST_MBITS)[0]
         self._workspace = Workspace()
         self._streams: dict[torch.device, Any] = {}
@@ -162,7 +164,7 @@ class Materializer:
             return int(rid)
         got = self.string_ids.get(rid)  # type: ignore[arg-type]
         if got is None:
-            while self.next_int_id in self.requests:
+            while self.next_int_id in self.requests or not self.owns_int_id(self.next_int_id):
                 self.next_int_id += 1
             got = self.string_ids[rid] = self.next_int_id  # type: ignore[index]
             self.next_int_id += 1
@@ -390,7 +392,7 @@ class Materializer:
             means = seg_means[seg]
             attrs: dict[str, Any] = {
                 sc.REQUEST_ID: st.request_id, sc.STEP_IDX: step_idx, sc.SEQ_LEN: seq_len,
-                sc.N_LAYERS: b - a, sc.RANK: cfg.rank, sc.DETAIL: cfg.detail, sc.BATCH_SIZE: len(req_list),
+                sc.N_LAYERS: b - a, sc.RANK: cfg.rank, sc.DETAIL: cfg.detail, sc.BATCH_SIZE: cap.step_requests or len(req_list),
                 sc.MEAN_UNIQUE_BLOCKS: means[0], sc.MAX_UNIQUE_BLOCKS: seg_max_ub[seg],
                 sc.MEAN_TOUCHED_RATIO: means[1], sc.MEAN_OFFSET_P50: means[2],
                 sc.PHASE: cap.phase,

@@ -100,6 +100,23 @@ class SummaryAccumulator:
         if attrs.get(sc.PREFIX_HIT):
             self.requests_with_prefix_hit += 1
 
+    def merge(self, other: "SummaryAccumulator") -> None:
+        """Add another accumulator's run (several worker processes, each with a share of the requests)."""
+        self._fold()
+        other._fold()
+        for name, sk in self.sketches.items():
+            sk.merge(other.sketches[name])
+        self.records += other.records
+        self.steps += other.steps
+        self.requests |= other.requests
+        self.requests_completed += other.requests_completed
+        self.requests_with_prefix_hit += other.requests_with_prefix_hit
+        self.hot_prefix_blocks.update(other.hot_prefix_blocks)
+        for tier, fields in other.kv_totals.items():
+            mine = self.kv_totals.setdefault(tier, {})
+            for f, v in fields.items():
+                mine[f] = mine.get(f, 0.0) + v
+
     def to_json(self, tracing: Mapping[str, Any] | None = None) -> dict[str, Any]:
         self._fold()
         dists = {name: s.to_json() for name, s in self.sketches.items()}

@@ -31,6 +31,7 @@ stops reading its socket altogether is declared lost once 64 MB of messages wait
 from __future__ import annotations
 
 import collections
+import hashlib
 import mmap
 import os
 import pickle
@@ -50,7 +51,7 @@ import numpy as np
 import structlog
 import torch
 
-from .capture import BatchGroup, StepCapture
+from .capture import BatchGroup, KVReport, StepCapture
 from .config import TraceConfig
 from .kvfetch import KVFetchModel
 from .materializer import Counters, side_stream
@@ -98,17 +99,17 @@ class SharedSlot:
             os.close(fd)
         self.size = size
         self.array = np.frombuffer(self._map, dtype=np.uint8)
-        self._header = self.array[:16].view(np.int64)
+        self._header = self.array[:_HEADER].view(np.int64)
 
     def header(self) -> np.ndarray:
-        """The slot's two header words: [0] the token of the step it holds (written after the data), [1] the token
-        of the step the worker has finished with (written by the worker)."""
+        """The slot's header words: [0] the token of the step it holds (written after the data), [1 + w] the token
+        of the step worker w has finished with (written by that worker)."""
         if self._header is None:
             self.ensure(_HEADER, pin=False)
         return self._header  # type: ignore[return-value]
 
-    def done_token(self) -> int:
-        return int(self._header[1]) if self._header is not None else -1
+    def done_words(self) -> list[int]:
+        return self._header.tolist() if self._header is not None else [-1] * (_HEADER // 8)
 
     def close(self) -> None:
         """Unmap and delete the file (the worker keeps its own mapping of the inode until it lets go)."""
@@ -253,9 +254,86 @@ class _LateCopies:
                 log.error("could not copy a step into shared memory", error=repr(exc))
 
 
+def owner_of(request_id: int | str, width: int, n_workers: int) -> int:
+    """Which of ``n_workers`` worker processes owns a request. Integer ids go by shard (``id // width``, the JSONL
+    file they land in), so every shard file has exactly one writer; other ids by a stable hash (their worker then
+    numbers them inside shards it owns)."""
+    if n_workers == 1:
+        return 0
+    if isinstance(request_id, (int, np.integer)) and not isinstance(request_id, bool):
+        return (int(request_id) // width) % n_workers
+    digest = hashlib.blake2b(str(request_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % n_workers
+
+
+class _WorkerLink:
+    """One worker process: its socket (an outbox to it, a receiver thread for its answers) and its counters."""
+
+    def __init__(self, index: int, on_lost: Callable[[int, str], None], on_message: Callable[[int, Any], None]
+                 ) -> None:
+        self.index = index
+        self.stats: dict[str, Any] = {}
+        self.alive = True
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.process = subprocess.Popen([sys.executable, "-m", "dsa_otel.worker", str(child_sock.fileno())],
+                                        pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        child_sock.close()
+        self.sock = parent_sock
+        self.outbox = _Outbox(parent_sock, lambda why: on_lost(index, why))
+        self.rx = Connection(os.dup(parent_sock.fileno()))
+        self._on_lost, self._on_message = on_lost, on_message
+        self.receiver = threading.Thread(target=self._receive, name=f"dsa-otel-receiver-{index}", daemon=True)
+
+    def start(self) -> None:
+        self.receiver.start()
+
+    def send(self, msg: Any) -> bool:
+        return self.alive and self.outbox.send(msg)
+
+    def _receive(self) -> None:
+        """Rare messages only: answers to flush / stop, the worker's counters (a few times a second), errors."""
+        while True:
+            try:
+                msg = self.rx.recv()
+            except (EOFError, OSError) as exc:
+                self._on_lost(self.index, f"connection closed ({exc!r})")
+                return
+            self._on_message(self.index, msg)
+
+    def close(self) -> None:
+        self.outbox.close()
+        for c in (self.rx, self.sock):
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+class _Answers:
+    """A request sent to every live worker (flush, stop): done when each has answered or is gone."""
+
+    def __init__(self, waiting: set[int], done: threading.Event) -> None:
+        self.waiting, self.done = waiting, done
+        self.replies: dict[int, Any] = {}
+
+    def answer(self, worker: int, reply: Any = None) -> None:
+        if worker in self.waiting:
+            self.waiting.discard(worker)
+            self.replies[worker] = reply
+        if not self.waiting:
+            self.done.set()
+
+
 class ProcessMaterializer:
     """The traced process's half of ``worker="process"``: the same ``submit`` / ``poll`` interface as
-    ``Materializer``, but a step is handed over on the caller's thread, with no thread of this process woken."""
+    ``Materializer``, but a step is handed over on the caller's thread, with no thread of this process woken.
+
+    With ``worker_processes = n > 1`` every step goes to all n workers (one slot, read by each), and each turns
+    only its own requests (``owner_of``) into spans; request lifecycle messages go to the owner alone. A slot is
+    free again when every live worker has written the step's token into its done word."""
 
     def __init__(self, config: TraceConfig, kv_fetch_model: KVFetchModel | None, counters: Counters,
                  release_slot: Callable[[], None], release_buffer: Callable[[Any], None],
@@ -265,11 +343,10 @@ class ProcessMaterializer:
         self.release_slot = release_slot
         self.release_buffer = release_buffer
         self.embed_payload = False  # decided in the worker
-        self.worker_stats: dict[str, Any] = {}
         self.alive = True
         self._stopping = False
         self._failed_here = 0
-        self._lost_logged = False
+        self._lost_logged: set[int] = set()
         self._streams: dict[torch.device, Any] = {}
         self._staging: dict[tuple[torch.device, int, int], torch.Tensor] = {}
         self._late: _LateCopies | None = None
@@ -281,24 +358,22 @@ class ProcessMaterializer:
         self._slot_lock = threading.Lock()
         self._token_src: dict[torch.device, torch.Tensor] = {}  # per device, one int64 per slot: its next token
         self._step_token = 0  # tokens start at 1: a fresh slot's header reads 0
-        self._waiters: dict[int, threading.Event] = {}
+        self._waiters: dict[int, _Answers] = {}
         self._next_token = 0
+        self._n = config.worker_processes
+        self._width = config.max_requests_per_file
+        worker_config = config.replace(worker="thread", worker_processes=1)
+        self._links = [_WorkerLink(i, self._worker_lost, self._on_message) for i in range(self._n)]
+        for link in self._links:
+            link.send(("init", worker_config, kv_fetch_model, resource_attributes or {}, link.index, self._n))
+            link.start()
 
-        parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.process = subprocess.Popen([sys.executable, "-m", "dsa_otel.worker", str(child_sock.fileno())],
-                                        pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
-        child_sock.close()
-        self._sock = parent_sock
-        self._outbox = _Outbox(parent_sock, self._worker_lost)
-        self._rx = Connection(os.dup(parent_sock.fileno()))
-        self._outbox.send(("init", config.replace(worker="thread"), kv_fetch_model, resource_attributes or {}))
-        self._receiver = threading.Thread(target=self._receive, name="dsa-otel-receiver", daemon=True)
-        self._receiver.start()
+    @property
+    def process(self) -> subprocess.Popen:
+        """The first worker process (the only one unless ``worker_processes`` > 1)."""
+        return self._links[0].process
 
-    # ------------------------------------------------------------------ messages to the worker
+    # ------------------------------------------------------------------ messages to the workers
     def submit(self, msg: tuple) -> None:
         """Hand a message over (never blocks; a step's data goes through its shared-memory slot)."""
         kind = msg[0]
@@ -311,72 +386,117 @@ class ProcessMaterializer:
         elif kind == "flush":
             self._request(("flush",), msg[1])
         elif kind == "stop":
-            # shutdown waits on ``done`` with its own timeout: the bounded wait for the worker runs aside
+            # shutdown waits on ``done`` with its own timeout: the bounded wait for the workers runs aside
             threading.Thread(target=self._stop, args=(msg[1],), name="dsa-otel-stop", daemon=True).start()
-        else:
-            self._send(msg)
+        else:  # request lifecycle: to the request's owner
+            self._links[owner_of(msg[1], self._width, self._n)].send(msg)
 
-    def _send(self, msg: Any) -> bool:
-        return self.alive and self._outbox.send(msg)
+    def _send_all(self, msg: Any) -> bool:
+        """Send to every live worker; True if at least one took it."""
+        sent = False
+        for link in self._links:
+            sent = link.send(msg) or sent
+        return sent
 
-    def _worker_lost(self, why: str) -> None:
-        self.alive = False
-        self._outbox.close()
-        if not self._lost_logged:
-            self._lost_logged = True
-            log.error("the tracing worker process is gone; further steps are counted as failed", reason=why,
-                      returncode=self.process.poll())
-        for ev in list(self._waiters.values()):
-            ev.set()
-        with self._slot_lock:  # the worker will never give its slots back
-            lost = list(self._in_flight.items())
-            self._in_flight.clear()
-            self._free_slots.extend(slot for slot, _ in lost)
-        for _, (_, keep) in lost:
-            self.release_buffer(keep)
-            self.release_slot()
+    def _worker_lost(self, index: int, why: str) -> None:
+        link = self._links[index]
+        if not link.alive:
+            return
+        link.alive = False
+        link.outbox.close()
+        if index not in self._lost_logged and not self._stopping:
+            self._lost_logged.add(index)
+            log.error("a tracing worker process is gone; its requests' further steps are lost", worker=index,
+                      reason=why, returncode=link.process.poll())
+        for answers in list(self._waiters.values()):
+            answers.answer(index)
+        if not any(l.alive for l in self._links):
+            self.alive = False
+        self.poll()  # slots the dead worker held no longer wait for it
 
-    def _request(self, msg: tuple, done: threading.Event) -> None:
-        """Send a message the worker answers (flush); ``done`` is set on the answer or when the worker dies."""
+    def _on_message(self, index: int, msg: Any) -> None:
+        kind = msg[0]
+        if kind == "stats":
+            self._links[index].stats = msg[1]
+        elif kind == "done":
+            self._slot_done(msg[1], msg[2], index)
+        elif kind in ("flushed", "stopped"):
+            self._links[index].stats = msg[2]
+            answers = self._waiters.get(msg[1])
+            if answers is not None:
+                answers.answer(index, msg[3] if len(msg) > 3 else None)
+        elif kind == "fatal":
+            log.error("tracing worker could not start", worker=index, error=msg[1])
+
+    def _request(self, msg: tuple, done: threading.Event) -> _Answers:
+        """Send a message every live worker answers (flush / stop); ``done`` is set once all have answered or
+        died."""
         token = self._next_token
         self._next_token += 1
-        self._waiters[token] = done
-        if not self._send(msg + (token,)):
-            self._waiters.pop(token, None)
+        answers = _Answers({l.index for l in self._links if l.alive}, done)
+        self._waiters[token] = answers
+        for link in self._links:
+            if link.index in answers.waiting and not link.send(msg + (token,)):
+                answers.answer(link.index)
+        if not answers.waiting:
             done.set()
+        return answers
 
     def _stop(self, done: threading.Event) -> None:
-        self._stopping = True
+        self._stopping = True  # workers exiting from here on are not lost
         finished = threading.Event()
-        self._request(("stop", self.counters.steps_dropped), finished)
+        answers = self._request(("stop", self.counters.steps_dropped), finished)
         finished.wait(STOP_TIMEOUT_S)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            log.warning("tracing worker did not exit; terminating it")
-            self.process.terminate()
-        self.alive = False
-        self._outbox.close()
-        for c in (self._rx, self._sock):
+        for link in self._links:
             try:
-                c.close()
-            except OSError:
-                pass
+                link.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.warning("tracing worker did not exit; terminating it", worker=link.index)
+                link.process.terminate()
+        if self._n > 1:
+            self._write_merged_summary([r for r in answers.replies.values() if r])
+        self.alive = False
+        for link in self._links:
+            link.alive = False
+            link.close()
         self.poll()
         for s in self._slots:
             s.close()
         done.set()
 
+    def _write_merged_summary(self, parts: list[tuple[Any, dict[str, int]]]) -> None:
+        """summary.json of a run written by several workers: their accumulators merged, their counters summed."""
+        from .exporters.jsonl import atomic_write_json  # local import: the exporters package imports dsa_otel
+
+        if not parts:
+            return
+        total = parts[0][0]
+        extra: dict[str, int] = {}
+        for acc, counters in parts:
+            if acc is not total:
+                total.merge(acc)
+            for k, v in counters.items():
+                extra[k] = extra.get(k, 0) + v
+        tracing = self.stats()
+        tracing.update(extra)
+        try:
+            atomic_write_json(os.path.join(self.config.run_dir, "summary.json"), total.to_json(tracing))
+        except OSError as exc:
+            log.error("could not write summary.json", error=repr(exc))
+
     # ------------------------------------------------------------------ slots coming back
     def poll(self) -> None:
-        """Take back the slots whose step the worker has finished: it writes the step's token into the slot's
-        done word. Called by ``end_step`` on the model thread: a few memory reads, no message, no thread woken."""
+        """Take back the slots whose step every live worker has finished: each writes the step's token into its
+        done word of the slot. Called by ``end_step`` on the model thread: a few memory reads, no message, no
+        thread woken."""
         if not self._in_flight:
             return
         back = []
+        live = [l.index for l in self._links if l.alive]
         with self._slot_lock:
             for slot_id, (token, keep) in list(self._in_flight.items()):
-                if self._slots[slot_id].done_token() == token:
+                words = self._slots[slot_id].done_words()
+                if not self.alive or all(words[1 + w] == token for w in live):
                     del self._in_flight[slot_id]
                     self._free_slots.append(slot_id)
                     back.append(keep)
@@ -384,8 +504,12 @@ class ProcessMaterializer:
             self.release_buffer(keep)
             self.release_slot()
 
-    def _slot_done(self, slot_id: int, token: int) -> None:
-        """The worker said so in a message (it could not map the slot to write its done word)."""
+    def _slot_done(self, slot_id: int, token: int, worker: int | None = None) -> None:
+        """A worker said so in a message (it could not write its done word), or the step never reached any."""
+        if worker is not None:
+            self._slots[slot_id].header()[1 + worker] = token  # as if it had written it: poll decides
+            self.poll()
+            return
         with self._slot_lock:
             got = self._in_flight.get(slot_id)
             if got is None or got[0] != token:
@@ -421,9 +545,13 @@ class ProcessMaterializer:
             raise
         with self._slot_lock:
             self._in_flight[slot_id] = (token, keep)
-        if not self._send(("step", self._meta(cap, slot_id, token, regions))):
+        if not self._send_all(("step", self._meta(cap, slot_id, token, regions))):
             self._failed_here += 1
             self._slot_done(slot_id, token)
+        elif not all(l.alive for l in self._links):  # a dead worker's share of this step is lost: count the step
+            dead = {l.index for l in self._links if not l.alive}
+            if any(owner_of(rid, self._width, self._n) in dead for g in cap.groups for rid in g.request_ids):
+                self._failed_here += 1
 
     def _fill(self, cap: StepCapture, slot_id: int, token: int) -> tuple[Any, dict[Any, tuple]]:
         """Start moving the step's arrays into the slot, the token into its header last. Returns what must stay
@@ -523,36 +651,27 @@ class ProcessMaterializer:
             buf = self._staging[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
         return buf[:nbytes].view(like.dtype).view(like.shape)
 
-    # ------------------------------------------------------------------ messages from the worker
-    def _receive(self) -> None:
-        """Rare messages only: answers to flush / stop, the worker's counters (a few times a second), errors."""
-        while True:
-            try:
-                msg = self._rx.recv()
-            except (EOFError, OSError) as exc:
-                if self.alive and not self._stopping:
-                    self._worker_lost(f"connection closed ({exc!r})")
-                return
-            kind = msg[0]
-            if kind == "stats":
-                self.worker_stats = msg[1]
-            elif kind == "done":
-                self._slot_done(msg[1], msg[2])
-            elif kind in ("flushed", "stopped"):
-                self.worker_stats = msg[2]
-                ev = self._waiters.pop(msg[1], None)
-                if ev is not None:
-                    ev.set()
-            elif kind == "fatal":
-                log.error("tracing worker could not start", error=msg[1])
-
+    # ------------------------------------------------------------------ counters
     def stats(self) -> dict[str, Any]:
-        """The worker's counters merged with this process's (drops are decided here)."""
-        out = dict(self.worker_stats)
+        """The workers' counters merged with this process's (drops are decided here). With several workers a step
+        counts as captured when every worker captured its share (the minimum), rows and spans add up."""
+        parts = [l.stats for l in self._links if l.stats]
+        out: dict[str, Any] = {}
+        for st in parts:
+            for k, v in st.items():
+                if k == "pid" or not isinstance(v, (int, float)):
+                    continue
+                if k == "steps_captured":
+                    out[k] = min(out.get(k, v), v)
+                elif k == "steps_failed":
+                    out[k] = max(out.get(k, 0), v)
+                else:
+                    out[k] = out.get(k, 0) + v
         out["steps_dropped"] = self.counters.steps_dropped
         out["steps_failed"] = int(out.get("steps_failed", 0)) + self._failed_here
-        out["worker_pid"] = self.process.pid
-        out["worker_alive"] = int(self.alive and self.process.poll() is None)
+        out["worker_pid"] = self._links[0].process.pid
+        out["worker_pids"] = [l.process.pid for l in self._links]
+        out["worker_alive"] = int(all(l.alive and l.process.poll() is None for l in self._links))
         return out
 
 
@@ -617,11 +736,46 @@ def _wait_ready(m: mmap.mmap, token: int, timeout_s: float = READY_TIMEOUT_S) ->
     return True
 
 
+def _restrict(cap: StepCapture, mine: Callable[[Any], bool]) -> StepCapture | None:
+    """The part of a step that belongs to this worker's requests (None when nothing does): its rows of the
+    selections, its batch positions of each group's vectors, its requests' KV reports."""
+    keep = [np.array([b for b, rid in enumerate(g.request_ids) if mine(rid)], dtype=np.int64) for g in cap.groups]
+    if not any(k.size for k in keep):
+        return None
+    if all(k.size == len(g.request_ids) for k, g in zip(keep, cap.groups)):
+        return cap
+    new_group = np.cumsum([k.size > 0 for k in keep]) - 1
+    starts = np.concatenate(([0], np.cumsum(cap.batch_sizes)[:-1]))
+    rec_keep = [i for i in range(cap.layer_ids.size) if keep[cap.record_group[i]].size]
+    rows = torch.from_numpy(np.concatenate([starts[i] + keep[cap.record_group[i]] for i in rec_keep]))
+
+    def take(v: Any, k: np.ndarray, n: int) -> Any:
+        if v is None or np.ndim(v) == 0:
+            return v
+        arr = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        return arr[k] if arr.shape[0] == n else arr
+
+    groups = [BatchGroup(request_ids=[g.request_ids[b] for b in k], seq_lens=take(g.seq_lens, k, len(g.request_ids)),
+                         block_table=take(g.block_table, k, len(g.request_ids)),
+                         steps=take(g.steps, k, len(g.request_ids))) for g, k in zip(cap.groups, keep) if k.size]
+    reports = []
+    for rep in cap.kv_reports:
+        sel = [b for b, rid in enumerate(rep.request_ids) if mine(rid)]
+        if sel:
+            reports.append(KVReport(rep.layer_id, [rep.request_ids[b] for b in sel], rep.tier,
+                                    {f: v[sel] for f, v in rep.values.items()}))
+    return StepCapture(
+        t_start_ns=cap.t_start_ns, t_end_ns=cap.t_end_ns, layer_ids=cap.layer_ids[rec_keep],
+        batch_sizes=np.array([keep[cap.record_group[i]].size for i in rec_keep], dtype=np.int64),
+        record_group=new_group[cap.record_group[rec_keep]], groups=groups, indices=cap.indices[rows],
+        scores=cap.scores[rows] if cap.scores is not None else None, kv_reports=reports, phase=cap.phase,
+        buffer=cap.buffer, step_requests=len({rid for g in cap.groups for rid in g.request_ids}))
+
+
 def worker_main(fd: int) -> int:
     """Entry point of ``python -m dsa_otel.worker <fd>``: serve one traced process over the socket ``fd``."""
-    import warnings
+    from .exporters.jsonl import ShardedJsonlExporter  # local imports: the exporters package imports dsa_otel
 
-    warnings.filterwarnings("ignore", message=".*non-writable.*")  # read-only shared views are only read
     from .tracer import DSATracer
 
     conn = Connection(socket.socket(fileno=fd).detach())
@@ -635,13 +789,23 @@ def worker_main(fd: int) -> int:
             pass  # the traced process is gone; finish what we have
 
     try:
-        _, config, kv_model, resource_attributes = conn.recv()
+        _, config, kv_model, resource_attributes, index, n_workers = conn.recv()
         tracer = DSATracer(config, kv_fetch_model=kv_model, resource_attributes=resource_attributes)
     except Exception as exc:
         send(("fatal", repr(exc)))
         raise
     mat = tracer.materializer
     mat.release_slot = lambda: None
+    width = config.max_requests_per_file
+    jsonl = [p.exporter for p in tracer.processors if isinstance(p.exporter, ShardedJsonlExporter)]
+    if n_workers > 1:  # one of several: own every n-th shard; the traced process writes the merged summary
+        mat.owns_int_id = lambda int_id: (int_id // width) % n_workers == index
+        for exp in jsonl:
+            exp.summary_file = None
+
+    def mine(rid: Any) -> bool:
+        return owner_of(rid, width, n_workers) == index
+
     last_stats = [0.0]
 
     def stats_now(force: bool = False) -> None:
@@ -652,13 +816,13 @@ def worker_main(fd: int) -> int:
             send(("stats", tracer.tracing_stats()))
 
     def done(held: Any) -> None:
-        """Give the slot back: the step's token goes into the slot's done word, which the traced process reads
-        when it next ends a step (no message, so none of its threads wakes up)."""
+        """Give the slot back: the step's token goes into this worker's done word of the slot, which the traced
+        process reads when it next ends a step (no message, so none of its threads wakes up)."""
         if held is None:
             return
         slot, token, m = held
         try:
-            np.frombuffer(m, dtype=np.int64, count=1, offset=8)[0] = token
+            np.frombuffer(m, dtype=np.int64, count=1, offset=8 * (1 + index))[0] = token
         except (ValueError, TypeError):  # the mapping is gone (cannot happen while the slot is in flight)
             send(("done", slot, token))
         stats_now()
@@ -670,6 +834,9 @@ def worker_main(fd: int) -> int:
             msg = conn.recv()
         except (EOFError, OSError):
             log.warning("the traced process went away; closing the trace files with what was received")
+            if n_workers > 1:  # nobody will merge: keep this worker's share of the summary
+                for exp in jsonl:
+                    exp.summary_file = f"summary.worker{index}.json"
             tracer.shutdown()
             break
         kind = msg[0]
@@ -681,20 +848,28 @@ def worker_main(fd: int) -> int:
                 if not _wait_ready(m, meta["token"]):
                     raise TimeoutError(f"step data did not arrive in {READY_TIMEOUT_S:.0f} s")
                 cap = _capture_from_meta(meta, m)
+                part = cap if n_workers == 1 else _restrict(cap, mine)
             except Exception as exc:
                 log.error("could not read a step from shared memory", error=repr(exc))
                 tracer.counters.steps_failed += 1
                 send(("done", meta["slot"], meta["token"]))
                 stats_now(force=True)
                 continue
-            mat.queue.put(("step", cap))
+            if part is None:  # none of this worker's requests in the step: its share is complete
+                tracer.counters.steps_captured += 1
+                done(cap.buffer)
+                continue
+            mat.queue.put(("step", part))
         elif kind == "flush":
             ok = tracer.flush()
             send(("flushed", msg[1], tracer.tracing_stats(), ok))
         elif kind == "stop":
             tracer.counters.steps_dropped = msg[1]
             tracer.shutdown()
-            send(("stopped", msg[2], tracer.tracing_stats()))
+            parts = None
+            if n_workers > 1:
+                parts = [(exp.summary, exp.summary_counters()) for exp in jsonl] or None
+            send(("stopped", msg[2], tracer.tracing_stats(), parts[0] if parts else None))
             break
         else:
             mat.queue.put(msg)

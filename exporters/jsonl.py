@@ -101,6 +101,8 @@ class ShardedJsonlExporter(SpanExporter):
             import zstandard  # noqa: F401  (fail early with a clear ImportError)
         os.makedirs(self.run_dir, exist_ok=True)
         self.summary = SummaryAccumulator()
+        # None in each of several worker processes: their traced process merges the summaries and writes the file
+        self.summary_file: str | None = "summary.json"
         self.shards: dict[int, _Shard] = {}
         self.closed_shards: set[int] = set()
         self.ended: dict[int, set[int]] = {}
@@ -142,11 +144,17 @@ class ShardedJsonlExporter(SpanExporter):
                 pass
         atomic_write_json(path, meta)
 
+    def summary_counters(self) -> dict[str, int]:
+        """This writer's own counters, as they appear in summary.json's ``tracing`` section."""
+        return {"jsonl_lines_written": self.lines_written, "jsonl_bytes_written": self.bytes_written,
+                "jsonl_decode_errors": self.decode_errors, "jsonl_late_files": self.late_files}
+
     def write_summary(self) -> None:
+        if self.summary_file is None:
+            return
         tracing = dict(self.stats_provider()) if self.stats_provider else {}
-        tracing.update({"jsonl_lines_written": self.lines_written, "jsonl_bytes_written": self.bytes_written,
-                        "jsonl_decode_errors": self.decode_errors, "jsonl_late_files": self.late_files})
-        atomic_write_json(os.path.join(self.run_dir, "summary.json"), self.summary.to_json(tracing))
+        tracing.update(self.summary_counters())
+        atomic_write_json(os.path.join(self.run_dir, self.summary_file), self.summary.to_json(tracing))
 
     # ------------------------------------------------------------------ export
     #: the tracer may hand step payloads over as objects on the span instead of serialising them

@@ -12,14 +12,15 @@ def test_overhead_bench_smoke_on_cpu(tmp_path):
     out = tmp_path / "overhead.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "overhead.py"), "--preset", "tiny", "--device", "cpu",
-         "--configs", "2x128", "--steps", "4", "--seed-steps", "3", "--repeats", "2", "--workers", "thread,process",
+         "--configs", "2x128", "--steps", "4", "--seed-steps", "3", "--repeats", "2", "--workers", "thread,process,process2",
          "--details", "blocks", "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     modes = report["configs"][0]["modes"]
-    assert set(modes) == {"off", "dsa-otel/blocks/thread", "dsa-otel/blocks/process", "seed"}
+    assert set(modes) == {"off", "dsa-otel/blocks/thread", "dsa-otel/blocks/process", "dsa-otel/blocks/process2",
+                          "seed"}
     tiny_layers = report["n_layers"]
-    for m in ("dsa-otel/blocks/thread", "dsa-otel/blocks/process"):
+    for m in ("dsa-otel/blocks/thread", "dsa-otel/blocks/process", "dsa-otel/blocks/process2"):
         e = modes[m]
         assert e["drops"] == 0 and e["samples"] == 2 * (4 - 2)
         assert e["records_per_s"] > 0 and e["mb_per_s"] > 0
