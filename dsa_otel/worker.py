@@ -747,7 +747,7 @@ def _restrict(cap: StepCapture, mine: Callable[[Any], bool]) -> StepCapture | No
     new_group = np.cumsum([k.size > 0 for k in keep]) - 1
     starts = np.concatenate(([0], np.cumsum(cap.batch_sizes)[:-1]))
     rec_keep = [i for i in range(cap.layer_ids.size) if keep[cap.record_group[i]].size]
-    rows = torch.from_numpy(np.concatenate([starts[i] + keep[cap.record_group[i]] for i in rec_keep]))
+    rows = np.concatenate([starts[i] + keep[cap.record_group[i]] for i in rec_keep])
 
     def take(v: Any, k: np.ndarray, n: int) -> Any:
         if v is None or np.ndim(v) == 0:
@@ -767,8 +767,10 @@ def _restrict(cap: StepCapture, mine: Callable[[Any], bool]) -> StepCapture | No
     return StepCapture(
         t_start_ns=cap.t_start_ns, t_end_ns=cap.t_end_ns, layer_ids=cap.layer_ids[rec_keep],
         batch_sizes=np.array([keep[cap.record_group[i]].size for i in rec_keep], dtype=np.int64),
-        record_group=new_group[cap.record_group[rec_keep]], groups=groups, indices=cap.indices[rows],
-        scores=cap.scores[rows] if cap.scores is not None else None, kv_reports=reports, phase=cap.phase,
+        record_group=new_group[cap.record_group[rec_keep]], groups=groups,
+        indices=torch.from_numpy(cap.indices.numpy()[rows]),  # numpy: no torch CPU kernel, no thread pool
+        scores=torch.from_numpy(cap.scores.numpy()[rows]) if cap.scores is not None else None,
+        kv_reports=reports, phase=cap.phase,
         buffer=cap.buffer, step_requests=len({rid for g in cap.groups for rid in g.request_ids}))
 
 
@@ -778,6 +780,9 @@ def worker_main(fd: int) -> int:
 
     from .tracer import DSATracer
 
+    # this process runs numpy and Python, never torch kernels on purpose: one torch thread, so that a stray CPU op
+    # cannot start a pool of spinning threads in each of several workers (it did: ~100 ms of CPU per step)
+    torch.set_num_threads(1)
     conn = Connection(socket.socket(fileno=fd).detach())
     send_lock = threading.Lock()
 
