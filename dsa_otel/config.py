@@ -80,8 +80,10 @@ class TraceConfig:
             A ``kv_fetch_model`` is pickled into the worker, so its state evolves there, not in the caller's copy.
         worker_processes: with ``worker="process"``, how many worker processes share the work (1-7). Each owns
             the requests of every n-th shard (shard = request id // max_requests_per_file), so every shard file
-            has one writer; summary.json is merged from all of them at shutdown. One worker sustains 6-10
-            thousand records/s at ``blocks`` on an H100 host (docs/performance.md); add workers when steps drop.
+            has one writer; summary.json is merged from all of them at shutdown (if the traced process dies
+            first, each writes ``summary.worker<i>.json``). A ``kv_fetch_model`` is copied into each worker and
+            sees only that worker's requests. One worker sustains 6-10 thousand records/s at ``blocks`` on an H100
+            host, four about twice that (docs/performance.md); add workers when steps drop and cores are free.
         max_queue_size / max_export_batch_size / schedule_delay_ms / export_timeout_ms: span processor bounds.
         kv_bytes_per_token: bytes of KV cache one token occupies in one layer (DeepSeek-V3.2: 656 = 512 FP8
             latent + 16 scale bytes + 64 bf16 RoPE dims); used by the default HBM fetch-cost model.

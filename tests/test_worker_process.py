@@ -144,35 +144,48 @@ def test_killed_worker_never_blocks_the_traced_program(tmp_path):
     assert all(r["request_id"] != 9 for r in recs)
 
 
-def test_worker_finishes_the_shards_when_the_traced_process_is_killed(tmp_path):
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_worker_finishes_the_shards_when_the_traced_process_is_killed(tmp_path, n_workers):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
         from test_worker_process import drive
         from dsa_otel import DSATracer, TraceConfig
         tracer = DSATracer(TraceConfig(out_dir={str(tmp_path)!r}, run_name="r", kv_block_size=16,
-                                       worker="process", ring_slots=64))
+                                       worker="process", worker_processes={n_workers}, max_requests_per_file=1,
+                                       ring_slots=64))
         drive(tracer)
         tracer.flush(timeout_s=60)
-        print(tracer.tracing_stats()["worker_pid"], flush=True)
+        print("PIDS", *tracer.tracing_stats()["worker_pids"], flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    worker_pid = int(proc.stdout.split()[0])
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("PIDS"))  # the workers log on stdout too
+    worker_pids = [int(p) for p in line.split()[1:]]
+    assert len(worker_pids) == n_workers
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try:
-            os.kill(worker_pid, 0)
-        except ProcessLookupError:
+        alive = []
+        for pid in worker_pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
             break
         time.sleep(0.1)
     else:
-        pytest.fail("the worker did not finish after its traced process died")
+        pytest.fail("the workers did not finish after their traced process died")
     run = tmp_path / "r" / "block16"
-    assert not [f for f in os.listdir(run) if f.endswith(".partial")]  # finalised by the worker itself
+    assert not [f for f in os.listdir(run) if f.endswith(".partial")]  # finalised by the workers themselves
     assert len(records(str(tmp_path / "r"))) == 72
-    assert os.path.exists(run / "summary.json")
+    if n_workers == 1:
+        assert os.path.exists(run / "summary.json")
+    else:  # nobody is left to merge: each worker keeps its share of the summary
+        parts = [json.load(open(run / f"summary.worker{i}.json")) for i in range(n_workers)]
+        assert sum(p["records"] for p in parts) == 72 and all(p["records"] for p in parts)
 
 
 def test_worker_reads_a_slot_only_once_its_token_has_landed(tmp_path):
