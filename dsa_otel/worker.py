@@ -834,11 +834,13 @@ def worker_main(fd: int) -> int:
 
     mat.release_buffer = done
     maps: dict[int, tuple[str, mmap.mmap]] = {}
+    orphaned = False
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             log.warning("the traced process went away; closing the trace files with what was received")
+            orphaned = True
             if n_workers > 1:  # nobody will merge: keep this worker's share of the summary
                 for exp in jsonl:
                     exp.summary_file = f"summary.worker{index}.json"
@@ -880,10 +882,11 @@ def worker_main(fd: int) -> int:
             mat.queue.put(msg)
     for path, m in maps.values():
         _close_map(m)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        if orphaned:  # the traced process owns the slot files; when it is gone nobody else will remove them
+            try:  # (with several workers, one still reading its backlog then loses the steps not yet mapped)
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
     return 0
 
 

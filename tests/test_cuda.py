@@ -15,8 +15,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _run(out_dir, device, detail, sync_check=False, worker="thread"):
+    n = int(worker[len("process"):] or 1) if worker.startswith("process") else 1  # processN: N worker processes
     cfg = TraceConfig(out_dir=out_dir, run_name=f"r-{device}-{worker}", detail=detail, store_scores=True,
-                      ring_slots=64, kv_block_size=16, worker=worker)
+                      ring_slots=64, kv_block_size=16, max_requests_per_file=1 if n > 1 else 4,
+                      worker="process" if n > 1 else worker, worker_processes=n)
     tracer = DSATracer(cfg)
     rng = np.random.default_rng(0)
     rids = [0, 1, 2]
@@ -41,7 +43,7 @@ def _run(out_dir, device, detail, sync_check=False, worker="thread"):
     return tracer, [{k: v for k, v in r.items() if k != "trace_id"} for r in read_records(cfg.run_dir)]
 
 
-@pytest.mark.parametrize("worker", ["thread", "process"])
+@pytest.mark.parametrize("worker", ["thread", "process", "process3"])
 @pytest.mark.parametrize("detail", ["summary", "blocks", "full"])
 def test_cuda_records_equal_cpu_records(tmp_path, detail, worker):
     _, cpu = _run(str(tmp_path), "cpu", detail)
@@ -88,7 +90,7 @@ def test_process_worker_recycles_slots_on_cuda(tmp_path):
         assert r["seq_len_current"] in ([300 + s for s in range(12)], [500 + s for s in range(12)], [40])[b]
 
 
-@pytest.mark.parametrize("worker", ["thread", "process"])
+@pytest.mark.parametrize("worker", ["thread", "process", "process3"])
 def test_model_thread_never_synchronises(tmp_path, worker):
     tr, recs = _run(str(tmp_path), "cuda", "full", sync_check=True, worker=worker)
     stats = tr.tracing_stats()

@@ -386,3 +386,30 @@ def test_one_dead_worker_of_three_loses_only_its_requests(tmp_path):
     stats = tracer.tracing_stats()
     assert stats["worker_alive"] == 0 and stats["steps_dropped"] == 0
     assert stats["steps_failed"] == 6  # every step had a request of the dead worker (1 or 4)
+
+
+def test_a_slow_worker_still_reads_its_steps_after_a_fast_one_has_exited(tmp_path):
+    """With several workers, the first to finish must not remove the shared-memory slots that a slower one has
+    yet to read (only the traced process, which owns them, does)."""
+    import threading
+
+    cfg = TraceConfig(out_dir=str(tmp_path), run_name="r", kv_block_size=16, worker="process", worker_processes=2,
+                      max_requests_per_file=1, ring_slots=64)
+    tracer = DSATracer(cfg)
+    assert tracer.flush(timeout_s=60)
+    fast, slow = tracer.tracing_stats()["worker_pids"]
+    os.kill(slow, signal.SIGSTOP)
+    try:
+        rows = drive(tracer, n=4, batch=2, steps=3)  # the slow worker has mapped none of these slots yet
+        stopper = threading.Thread(target=tracer.shutdown, kwargs={"timeout_s": 60})
+        stopper.start()
+        deadline = time.monotonic() + 30
+        while tracer.materializer._links[0].process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tracer.materializer._links[0].process.poll() == 0  # the fast one is done and gone
+    finally:
+        os.kill(slow, signal.SIGCONT)
+    stopper.join(60)
+    stats = tracer.tracing_stats()
+    assert stats["steps_failed"] == 0
+    assert len(records(str(tmp_path / "r"))) == rows
