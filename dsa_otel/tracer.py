@@ -188,6 +188,8 @@ class DSATracer:
         """
         if not self.enabled:
             return
+        if topk_indices.is_floating_point():
+            raise TypeError(f"topk_indices must hold integer positions, got {topk_indices.dtype}")
         if isinstance(layer_id, (int, np.integer)):
             layers: Sequence[int] = (int(layer_id),)
             if topk_indices.dim() == 1:

@@ -21,8 +21,14 @@ worker process ``python -m dsa_otel.worker``: an ordinary thread-mode pipeline (
                exporters, summary.json) fed from the socket, so records are identical to thread mode. It sorts
                (numpy's SIMD sort), so the traced process launches no sort kernels.
 
-Failure handling: if the worker dies, the traced process logs it once, counts the steps it can no longer hand over
-as failed and carries on; a crash of the traced process ends the worker's input, and the worker then finishes
+Several workers (``worker_processes = n``): each owns the requests of every n-th JSONL shard (``owner_of``), so
+every file has one writer. A step is written to one slot and its message to all n sockets (pickled once); each
+worker turns its own requests' rows into spans and writes its own done word, and the slot is free when all live
+workers have. Request lifecycle messages go to the owner only. At shutdown each worker returns its summary
+accumulator and the traced process writes the merged summary.json.
+
+Failure handling: if a worker dies, the traced process logs it once, counts the steps it can no longer hand over
+(or whose share belonged to the dead worker) as failed and carries on; a crash of the traced process ends the worker's input, and the worker then finishes
 and closes what it already has (its shards stay valid). The number of steps in flight is bounded by
 ``ring_slots`` in both processes, so a slow disk makes steps drop (counted), never block the model; a worker that
 stops reading its socket altogether is declared lost once 64 MB of messages wait for it.
@@ -172,8 +178,10 @@ class _Outbox:
         self._thread: threading.Thread | None = None
 
     def send(self, msg: Any) -> bool:
-        payload = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        data = memoryview(struct.pack("!i", len(payload)) + payload)  # multiprocessing.Connection's framing
+        return self.send_frame(frame(msg))
+
+    def send_frame(self, data: memoryview) -> bool:
+        """Send an already framed message (``frame``): one pickling for several workers."""
         lost = None
         with self._cond:
             if self._closed:
@@ -228,6 +236,12 @@ class _Outbox:
         with self._cond:
             self._closed = True
             self._cond.notify()
+
+
+def frame(msg: Any) -> memoryview:
+    """A message as multiprocessing.Connection frames it (length, then the pickle), what the worker reads."""
+    payload = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    return memoryview(struct.pack("!i", len(payload)) + payload)
 
 
 class _LateCopies:
@@ -292,6 +306,9 @@ class _WorkerLink:
 
     def send(self, msg: Any) -> bool:
         return self.alive and self.outbox.send(msg)
+
+    def send_frame(self, data: memoryview) -> bool:
+        return self.alive and self.outbox.send_frame(data)
 
     def _receive(self) -> None:
         """Rare messages only: answers to flush / stop, the worker's counters (a few times a second), errors."""
@@ -368,11 +385,6 @@ class ProcessMaterializer:
             link.send(("init", worker_config, kv_fetch_model, resource_attributes or {}, link.index, self._n))
             link.start()
 
-    @property
-    def process(self) -> subprocess.Popen:
-        """The first worker process (the only one unless ``worker_processes`` > 1)."""
-        return self._links[0].process
-
     # ------------------------------------------------------------------ messages to the workers
     def submit(self, msg: tuple) -> None:
         """Hand a message over (never blocks; a step's data goes through its shared-memory slot)."""
@@ -392,10 +404,11 @@ class ProcessMaterializer:
             self._links[owner_of(msg[1], self._width, self._n)].send(msg)
 
     def _send_all(self, msg: Any) -> bool:
-        """Send to every live worker; True if at least one took it."""
+        """Send to every live worker (pickled once); True if at least one took it."""
+        data = frame(msg)
         sent = False
         for link in self._links:
-            sent = link.send(msg) or sent
+            sent = link.send_frame(data) or sent
         return sent
 
     def _worker_lost(self, index: int, why: str) -> None:
@@ -425,6 +438,8 @@ class ProcessMaterializer:
             answers = self._waiters.get(msg[1])
             if answers is not None:
                 answers.answer(index, msg[3] if len(msg) > 3 else None)
+                if not answers.waiting:
+                    self._waiters.pop(msg[1], None)
         elif kind == "fatal":
             log.error("tracing worker could not start", worker=index, error=msg[1])
 

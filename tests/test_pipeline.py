@@ -262,3 +262,15 @@ class _Blocker:
 
     def set(self):  # called by the materializer as a "flush" marker: block until released
         self.release.wait(10)
+
+
+def test_record_topk_refuses_what_it_cannot_trace(out_dir):
+    """Float positions and scores of another shape are caller bugs: a clear error at the call, nothing recorded."""
+    tracer = DSATracer(TraceConfig(out_dir=out_dir, run_name="bad", kv_block_size=16))
+    with pytest.raises(TypeError, match="integer positions"):
+        tracer.record_topk(0, torch.zeros(2, 8), torch.tensor([10, 10]), [0, 1])
+    with pytest.raises(ValueError, match="do not match"):
+        tracer.record_topk(0, torch.zeros(2, 8, dtype=torch.long), torch.tensor([10, 10]), [0, 1],
+                           scores=torch.zeros(2, 7))
+    assert tracer.end_step() is False  # nothing was recorded
+    tracer.shutdown()
