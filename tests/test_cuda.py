@@ -54,6 +54,20 @@ def test_cuda_records_equal_cpu_records(tmp_path, detail, worker):
     assert sorted(cpu, key=key) == sorted(gpu, key=key)
 
 
+def test_unpinnable_slots_fall_back_to_staged_copies(tmp_path, monkeypatch):
+    """Where the driver will not page-lock a shared-memory slot, the step goes through a pinned staging buffer and a
+    background copy (the model thread still never waits): the records are the CPU path's."""
+    import dsa_otel.worker as W
+
+    monkeypatch.setattr(W, "_host_register", lambda arr: False)
+    _, cpu = _run(str(tmp_path), "cpu", "full")
+    tr, gpu = _run(str(tmp_path), "cuda", "full", sync_check=True, worker="process")
+    stats = tr.tracing_stats()
+    assert stats["steps_failed"] == 0 and stats["steps_captured"] == 5
+    key = lambda r: (r["request_id"], r["step_idx"], r["layer_id"])  # noqa: E731
+    assert sorted(cpu, key=key) == sorted(gpu, key=key)
+
+
 def test_process_worker_recycles_slots_on_cuda(tmp_path):
     """Two slots, twelve steps of all layers at once ([L, B, K], as a CUDA graph hands them over): each slot comes
     back through its done word and its snapshot buffer is reused, no step is lost, and the model thread never
