@@ -392,7 +392,8 @@ class Materializer:
             means = seg_means[seg]
             attrs: dict[str, Any] = {
                 sc.REQUEST_ID: st.request_id, sc.STEP_IDX: step_idx, sc.SEQ_LEN: seq_len,
-                sc.N_LAYERS: b - a, sc.RANK: cfg.rank, sc.DETAIL: cfg.detail, sc.BATCH_SIZE: cap.step_requests or len(req_list),
+                sc.N_LAYERS: b - a, sc.RANK: cfg.rank, sc.DETAIL: cfg.detail,
+                sc.BATCH_SIZE: cap.step_requests or len(req_list),
                 sc.MEAN_UNIQUE_BLOCKS: means[0], sc.MAX_UNIQUE_BLOCKS: seg_max_ub[seg],
                 sc.MEAN_TOUCHED_RATIO: means[1], sc.MEAN_OFFSET_P50: means[2],
                 sc.PHASE: cap.phase,

@@ -28,8 +28,8 @@ workers have. Request lifecycle messages go to the owner only. At shutdown each 
 accumulator and the traced process writes the merged summary.json.
 
 Failure handling: if a worker dies, the traced process logs it once, counts the steps it can no longer hand over
-(or whose share belonged to the dead worker) as failed and carries on; a crash of the traced process ends the worker's input, and the worker then finishes
-and closes what it already has (its shards stay valid). The number of steps in flight is bounded by
+(or whose share belonged to the dead worker) as failed and carries on; a crash of the traced process ends the
+workers' input, and each then finishes and closes what it already has (its shards stay valid). The number of steps in flight is bounded by
 ``ring_slots`` in both processes, so a slow disk makes steps drop (counted), never block the model; a worker that
 stops reading its socket altogether is declared lost once 64 MB of messages wait for it.
 """
@@ -65,7 +65,8 @@ from .materializer import Counters, side_stream
 log = structlog.get_logger("dsa_otel.worker")
 
 _ALIGN = 4096
-_HEADER = 64  # a slot starts with the int64 token of the step it holds, written last
+_HEADER = 64  # a slot starts with int64 words: the token of the step it holds (written last), then one done word
+#              per worker (config.MAX_WORKER_PROCESSES = 64 / 8 - 1)
 READY_TIMEOUT_S = 60.0  # how long the worker waits for a step's data to land in its slot
 STOP_TIMEOUT_S = 60.0  # how long shutdown waits for the worker to flush and close its files
 
@@ -432,7 +433,7 @@ class ProcessMaterializer:
         if kind == "stats":
             self._links[index].stats = msg[1]
         elif kind == "done":
-            self._slot_done(msg[1], msg[2], index)
+            self._worker_done(msg[1], msg[2], index)
         elif kind in ("flushed", "stopped"):
             self._links[index].stats = msg[2]
             answers = self._waiters.get(msg[1])
@@ -519,12 +520,13 @@ class ProcessMaterializer:
             self.release_buffer(keep)
             self.release_slot()
 
-    def _slot_done(self, slot_id: int, token: int, worker: int | None = None) -> None:
-        """A worker said so in a message (it could not write its done word), or the step never reached any."""
-        if worker is not None:
-            self._slots[slot_id].header()[1 + worker] = token  # as if it had written it: poll decides
-            self.poll()
-            return
+    def _worker_done(self, slot_id: int, token: int, worker: int) -> None:
+        """A worker said in a message that it is done with a step (it could not write its done word)."""
+        self._slots[slot_id].header()[1 + worker] = token  # as if it had written it: poll decides
+        self.poll()
+
+    def _slot_done(self, slot_id: int, token: int) -> None:
+        """Free a slot whose step never reached any worker."""
         with self._slot_lock:
             got = self._in_flight.get(slot_id)
             if got is None or got[0] != token:
@@ -538,12 +540,16 @@ class ProcessMaterializer:
     def _stream(self, dev: torch.device) -> Any:
         return side_stream(self._streams, dev)
 
+    def _give_back(self, cap: StepCapture) -> None:
+        """Return the snapshot buffer and the ring slot of a step that is not handed over."""
+        self.release_buffer(cap.buffer)
+        cap.buffer = None
+        self.release_slot()
+
     def _ship_step(self, cap: StepCapture) -> None:
         if not self.alive:
             self._failed_here += 1
-            self.release_buffer(cap.buffer)
-            cap.buffer = None
-            self.release_slot()
+            self._give_back(cap)
             return
         with self._slot_lock:
             slot_id = self._free_slots.pop()  # the tracer's semaphore guarantees one is free
@@ -554,9 +560,7 @@ class ProcessMaterializer:
         except BaseException:
             with self._slot_lock:
                 self._free_slots.append(slot_id)
-            self.release_buffer(cap.buffer)
-            cap.buffer = None
-            self.release_slot()
+            self._give_back(cap)
             raise
         with self._slot_lock:
             self._in_flight[slot_id] = (token, keep)
@@ -761,8 +765,10 @@ def _restrict(cap: StepCapture, mine: Callable[[Any], bool]) -> StepCapture | No
         return cap
     new_group = np.cumsum([k.size > 0 for k in keep]) - 1
     starts = np.concatenate(([0], np.cumsum(cap.batch_sizes)[:-1]))
-    rec_keep = [i for i in range(cap.layer_ids.size) if keep[cap.record_group[i]].size]
-    rows = np.concatenate([starts[i] + keep[cap.record_group[i]] for i in rec_keep])
+    # a record covers the first batch_sizes[i] positions of its group (all of them, normally)
+    rec_pos = [keep[g][keep[g] < n] for g, n in zip(cap.record_group, cap.batch_sizes)]
+    rec_keep = [i for i, k in enumerate(rec_pos) if k.size]
+    rows = np.concatenate([starts[i] + rec_pos[i] for i in rec_keep])
 
     def take(v: Any, k: np.ndarray, n: int) -> Any:
         if v is None or np.ndim(v) == 0:
@@ -781,7 +787,7 @@ def _restrict(cap: StepCapture, mine: Callable[[Any], bool]) -> StepCapture | No
                                     {f: v[sel] for f, v in rep.values.items()}))
     return StepCapture(
         t_start_ns=cap.t_start_ns, t_end_ns=cap.t_end_ns, layer_ids=cap.layer_ids[rec_keep],
-        batch_sizes=np.array([keep[cap.record_group[i]].size for i in rec_keep], dtype=np.int64),
+        batch_sizes=np.array([rec_pos[i].size for i in rec_keep], dtype=np.int64),
         record_group=new_group[cap.record_group[rec_keep]], groups=groups,
         indices=torch.from_numpy(cap.indices.numpy()[rows]),  # numpy: no torch CPU kernel, no thread pool
         scores=torch.from_numpy(cap.scores.numpy()[rows]) if cap.scores is not None else None,

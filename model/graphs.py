@@ -12,7 +12,8 @@ stay the same; an engine keeps one per (batch size, width) bucket.
 
 Tracing keeps working: the captured step copies each layer's top-k into one static [L, B, K] buffer, and after
 each replay the whole buffer goes to ``tracer.record_topk`` in one call (all L layer ids) with the caller's block
-table: the same records an eager forward hands over layer by layer (the caller then ends the step before the next replay, as it does in eager mode).
+table: the same records an eager forward hands over layer by layer (the caller then ends the step before the next
+replay, as it does in eager mode).
 """
 
 from __future__ import annotations

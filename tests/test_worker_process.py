@@ -413,3 +413,27 @@ def test_a_slow_worker_still_reads_its_steps_after_a_fast_one_has_exited(tmp_pat
     stats = tracer.tracing_stats()
     assert stats["steps_failed"] == 0
     assert len(records(str(tmp_path / "r"))) == rows
+
+
+def test_several_workers_keep_records_that_cover_part_of_their_request_list(tmp_path):
+    """A record may hold fewer rows than its request list (the first positions); each worker still takes exactly
+    its own rows of it."""
+    out = {}
+    for name, kw in (("thread", dict(worker="thread")), ("two", dict(worker="process", worker_processes=2))):
+        cfg = TraceConfig(out_dir=str(tmp_path / name), run_name="r", detail="blocks", kv_block_size=16,
+                          max_requests_per_file=1, ring_slots=8, **kw)
+        tracer = DSATracer(cfg)
+        rids = [0, 1, 2, 3]
+        seq = torch.tensor([100, 120, 140, 160])
+        for layer in range(2):  # layer 0 covers all four requests, layer 1 only the first three
+            n = 4 - layer
+            topk = torch.stack([torch.arange(8) * (r + 1) for r in range(n)])
+            tracer.record_topk(layer, topk, seq, rids)
+        assert tracer.end_step()
+        for r in rids:
+            tracer.end_request(r)
+        tracer.shutdown(timeout_s=60)
+        out[name] = records(str(tmp_path / name / "r"))
+    assert [(r["request_id"], r["layer_id"]) for r in out["two"]] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0),
+                                                                      (2, 1), (3, 0)]
+    assert out["two"] == out["thread"]
