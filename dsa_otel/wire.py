@@ -13,7 +13,7 @@ allocation), because the OTLP receiver decodes payloads that arrive from the net
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -159,7 +159,7 @@ class Ragged:
     values: np.ndarray
     lengths: np.ndarray
 
-    @property
+    @cached_property
     def offsets(self) -> np.ndarray:
         return np.concatenate(([0], np.cumsum(self.lengths))).astype(np.int64)
 

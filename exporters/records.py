@@ -8,13 +8,15 @@ numbers come from the step payload, so the JSONL is identical whichever way the 
 from __future__ import annotations
 
 import base64
+import functools
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
 from dsa_otel import semconv as sc
 from dsa_otel.kvfetch import TIER_FIELDS
-from dsa_otel.wire import StepPayload, decode_step_payload
+from dsa_otel.wire import Ragged, StepPayload, decode_step_payload
 
 INT_COLUMNS = frozenset({
     "seq_len_current", "unique_token_pos_count", "offset_min", "offset_max", "unique_blocks",
@@ -46,37 +48,60 @@ def payload_of(attrs: Mapping[str, Any]) -> StepPayload:
     return decode_step_payload(data)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where each record field sits in a payload's stats matrix; one per distinct column tuple (cached)."""
+
+    int_idx: list[int]           # INT_ORDER, then each tier's integer fields
+    float_idx: list[int]         # FLOAT_ORDER (+ SCORE_ORDER), then each tier's other fields
+    tiers: list[str]
+    has_scores: bool
+
+
+INT_ORDER = ("seq_len_current", "unique_token_pos_count", "offset_min", "offset_max", "unique_blocks",
+             "total_blocks_in_use", "prefix_intersection_blocks")
+FLOAT_ORDER = ("offset_p50", "touched_block_ratio", "tokens_per_touched_block.mean", "tokens_per_touched_block.p50",
+               "tokens_per_touched_block.p95")
+SCORE_ORDER = ("scores.min", "scores.mean", "scores.max")
+_TIER_INT = tuple(f for f in TIER_FIELDS if f in INT_TIER_FIELDS)
+_TIER_FLOAT = tuple(f for f in TIER_FIELDS if f not in INT_TIER_FIELDS)
+# a record's kv_fetch.<tier> keys come in TIER_FIELDS order (the seed's): integer fields first, then the rest
+assert _TIER_INT + _TIER_FLOAT == TIER_FIELDS, "step_records builds tier objects ints first"
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(columns: tuple[str, ...]) -> _Layout:
+    col = {c: i for i, c in enumerate(columns)}
+    missing = [c for c in INT_ORDER + FLOAT_ORDER if c not in col]
+    if missing:
+        raise KeyError(f"step payload lacks columns {missing}")
+    tiers = sorted({c.split(".")[1] for c in columns if c.startswith("kv_fetch.")})
+    has_scores = all(c in col for c in SCORE_ORDER)
+    return _Layout(
+        int_idx=[col[c] for c in INT_ORDER] + [col[f"kv_fetch.{t}.{f}"] for t in tiers for f in _TIER_INT],
+        float_idx=[col[c] for c in FLOAT_ORDER + (SCORE_ORDER if has_scores else ())]
+        + [col[f"kv_fetch.{t}.{f}"] for t in tiers for f in _TIER_FLOAT],
+        tiers=tiers, has_scores=has_scores)
+
+
 def step_records(attrs: Mapping[str, Any], trace_id: int, payload: StepPayload | None = None) -> list[dict]:
-    """The JSONL records of one decode-step span (numpy arrays inside; serialise with orjson's numpy option)."""
+    """The JSONL records of one decode-step span (numpy arrays inside; serialise with orjson's numpy option).
+
+    Called once per (request, step) by the exporter: the stats matrix is converted to Python numbers in two
+    ``tolist`` calls and the per-record work is building the dicts, nothing else."""
     p = payload if payload is not None else payload_of(attrs)
-    cols = p.columns
     n = p.layer_ids.size
     if n == 0:
         return []
-    by_col = {c: p.stats[:, i] for i, c in enumerate(cols)}
-
-    def ints(name: str) -> list[int]:
-        return by_col[name].astype(np.int64).tolist()
-
-    def floats(name: str) -> list[float]:
-        return by_col[name].astype(np.float64).tolist()
+    lay = _layout(tuple(p.columns))
+    ints = p.stats[:, lay.int_idx].astype(np.int64).tolist()
+    floats = p.stats[:, lay.float_idx].astype(np.float64).tolist()
+    n_ti, n_tf = len(_TIER_INT), len(_TIER_FLOAT)
+    i0, f0 = len(INT_ORDER), len(FLOAT_ORDER) + (len(SCORE_ORDER) if lay.has_scores else 0)  # tiers start here
 
     request_id = int(attrs[sc.REQUEST_ID])
     step_idx = int(attrs[sc.STEP_IDX])
     layer = p.layer_ids.tolist()
-    seq = ints("seq_len_current")
-    uniq_pos = ints("unique_token_pos_count")
-    omin, op50, omax = ints("offset_min"), floats("offset_p50"), ints("offset_max")
-    ub, tb, ratio = ints("unique_blocks"), ints("total_blocks_in_use"), floats("touched_block_ratio")
-    tm, t50, t95 = (floats("tokens_per_touched_block.mean"), floats("tokens_per_touched_block.p50"),
-                    floats("tokens_per_touched_block.p95"))
-    inter = ints("prefix_intersection_blocks")
-    tiers = sorted({c.split(".")[1] for c in cols if c.startswith("kv_fetch.")})
-    tier_vals = {t: {f: (ints if f in INT_TIER_FIELDS else floats)(f"kv_fetch.{t}.{f}") for f in TIER_FIELDS}
-                 for t in tiers}
-    has_scores = "scores.min" in by_col
-    if has_scores:
-        smin, smean, smax = floats("scores.min"), floats("scores.mean"), floats("scores.max")
     batch_size = int(attrs.get(sc.BATCH_SIZE, 0))
     cached = int(attrs.get(sc.PREFIX_CACHED_BLOCKS, 0))
     prefix_hit = bool(attrs.get(sc.PREFIX_HIT, cached > 0))
@@ -84,34 +109,44 @@ def step_records(attrs: Mapping[str, Any], trace_id: int, payload: StepPayload |
     tid = f"{trace_id:032x}"
     rank = int(attrs.get(sc.RANK, 0))
     phase = attrs.get(sc.PHASE, "decode")
+    tiers = lay.tiers
+    has_scores = lay.has_scores
 
-    pos_off = p.positions.offsets if p.positions is not None else None
-    blk_off = p.block_ids.offsets if p.block_ids is not None else None
-    phys_off = p.physical_block_ids.offsets if p.physical_block_ids is not None else None
+    def cuts(r: Ragged | None) -> list[int] | None:
+        return r.offsets.tolist() if r is not None else None
+
+    pos_off, blk_off, phys_off = cuts(p.positions), cuts(p.block_ids), cuts(p.physical_block_ids)
+    pos_v = p.positions.values if p.positions is not None else None
+    blk_v = p.block_ids.values if p.block_ids is not None else None
+    phys_v = p.physical_block_ids.values if p.physical_block_ids is not None else None
+    scores = p.scores
 
     out: list[dict] = []
     for i in range(n):
+        iv, f = ints[i], floats[i]
+        seq, uniq_pos, omin, omax, ub, tb, inter = iv[:i0]
         rec: dict[str, Any] = {
             "request_id": request_id,
             "layer_id": layer[i],
             "step_idx": step_idx,
-            "seq_len_current": seq[i],
-            "unique_token_pos_count": uniq_pos[i],
-            "offset_min": omin[i],
-            "offset_p50": op50[i],
-            "offset_max": omax[i],
-            "unique_blocks": ub[i],
-            "total_blocks_in_use": tb[i],
-            "touched_block_ratio": ratio[i],
-            "tokens_per_touched_block": {"mean": tm[i], "p50": t50[i], "p95": t95[i]},
+            "seq_len_current": seq,
+            "unique_token_pos_count": uniq_pos,
+            "offset_min": omin,
+            "offset_p50": f[0],
+            "offset_max": omax,
+            "unique_blocks": ub,
+            "total_blocks_in_use": tb,
+            "touched_block_ratio": f[1],
+            "tokens_per_touched_block": {"mean": f[2], "p50": f[3], "p95": f[4]},
         }
         if blk_off is not None:
-            rec["selected_block_ids"] = p.block_ids.values[blk_off[i]:blk_off[i + 1]]  # type: ignore[union-attr]
+            rec["selected_block_ids"] = blk_v[blk_off[i]:blk_off[i + 1]]  # type: ignore[index]
         if phys_off is not None:
-            rec["physical_block_ids"] = p.physical_block_ids.values[phys_off[i]:phys_off[i + 1]]  # type: ignore
+            rec["physical_block_ids"] = phys_v[phys_off[i]:phys_off[i + 1]]  # type: ignore[index]
         kv: dict[str, dict] = {}
-        for t in tiers:
-            d = {f: tier_vals[t][f][i] for f in TIER_FIELDS}
+        for k, t in enumerate(tiers):
+            d: dict[str, Any] = dict(zip(_TIER_INT, iv[i0 + k * n_ti:i0 + (k + 1) * n_ti]))
+            d.update(zip(_TIER_FLOAT, f[f0 + k * n_tf:f0 + (k + 1) * n_tf]))
             d["batch_size"] = batch_size
             kv[t] = d
         rec["kv_fetch"] = kv
@@ -119,15 +154,15 @@ def step_records(attrs: Mapping[str, Any], trace_id: int, payload: StepPayload |
             "prefix_cache_hit": prefix_hit,
             "prefix_cached_blocks": cached,
             "prefix_key": prefix_key,
-            "intersection_ratio": (inter[i] / ub[i]) if ub[i] else 0.0,
-            "intersection_blocks": inter[i],
+            "intersection_ratio": (inter / ub) if ub else 0.0,
+            "intersection_blocks": inter,
         }
         if pos_off is not None:
-            rec["selected_token_pos"] = p.positions.values[pos_off[i]:pos_off[i + 1]]  # type: ignore[union-attr]
-            if p.scores is not None:
-                rec["scores_topk"] = p.scores[pos_off[i]:pos_off[i + 1]].astype(np.float32)
+            rec["selected_token_pos"] = pos_v[pos_off[i]:pos_off[i + 1]]  # type: ignore[index]
+            if scores is not None:
+                rec["scores_topk"] = scores[pos_off[i]:pos_off[i + 1]].astype(np.float32)
         if has_scores:
-            rec["scores_stats"] = {"min": smin[i], "mean": smean[i], "max": smax[i]}
+            rec["scores_stats"] = {"min": f[5], "mean": f[6], "max": f[7]}
         rec["trace_id"] = tid
         rec["rank"] = rank
         rec["phase"] = phase

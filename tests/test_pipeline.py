@@ -164,6 +164,13 @@ def test_one_trace_per_request_with_deterministic_ids(out_dir):
         assert request_id_from_trace_id(root.context.trace_id) == rid
         children = [s for s in spans if s.context.trace_id == root.context.trace_id and s is not root]
         assert all(c.parent.span_id == root.context.span_id for c in children)
+        # step spans are built finished (materializer._emit_step_span): they must match what the SDK makes
+        for c in children:
+            assert c.context.trace_flags == root.context.trace_flags and c.context.trace_flags.sampled
+            assert c.instrumentation_scope == root.instrumentation_scope and c.resource is root.resource
+            assert c.kind == root.kind and c.status.status_code == root.status.status_code
+            assert c.start_time <= c.end_time and c.context.span_id != root.context.span_id
+        assert len({c.context.span_id for c in children}) == len(children)
         names = sorted(c.name for c in children)
         assert names.count(sc.SPAN_DECODE_STEP) == 4 and names.count(sc.SPAN_PREFILL) == 1
         assert root.attributes[sc.STEPS_TRACED] == 4
@@ -172,6 +179,15 @@ def test_one_trace_per_request_with_deterministic_ids(out_dir):
     step = next(s for s in spans if s.name == sc.SPAN_DECODE_STEP)
     assert len(step.attributes[sc.PAYLOAD]) > 0 and step.attributes[sc.N_LAYERS] == 3
     assert step.resource.attributes[sc.RES_RUN_NAME] == "ids"
+
+
+def test_an_sdk_sampler_that_drops_requests_drops_their_step_spans_too(out_dir, monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    mem = InMemorySpanExporter()
+    cfg = TraceConfig(out_dir=out_dir, run_name="off", kv_block_size=16)
+    run_workload(cfg, extra_exporters=[mem])
+    assert mem.get_finished_spans() == ()
+    assert list(read_records(os.path.join(out_dir, "off"))) == []
 
 
 def test_string_request_ids_get_stable_int_ids_and_keys(out_dir):

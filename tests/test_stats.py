@@ -61,6 +61,19 @@ def test_statistics_match_the_reference(sel):
         assert out.offset_hist[r].tolist() == expect.tolist()
 
 
+def test_physical_ids_follow_block_table_rows_and_read_minus_one_past_the_table():
+    pos = np.sort(np.array([[0, 70, 130, 700], [5, 64, 200, 250], [1, 2, 3, 4]], dtype=np.int32), 1)
+    seqs = np.array([800, 300, 10])
+    table = np.array([[10, 11, 12, 13], [20, 21, 22, 23]])
+    rows = np.array([1, 0, 1])  # selection row -> block-table row
+    out = selection_statistics(pos, seqs, 64, block_table=table, block_table_rows=rows)
+    boff = np.concatenate(([0], np.cumsum(out.block_lengths)))
+    got = [out.physical_ids[boff[r]:boff[r + 1]].tolist() for r in range(3)]
+    assert got == [[20, 21, 22, -1], [10, 11, 13], [20]]  # block 10 of row 0 lies past the 4-wide table
+    empty = selection_statistics(pos, seqs, 64, block_table=np.zeros((2, 0), dtype=np.int64), block_table_rows=rows)
+    assert (empty.physical_ids == -1).all() and empty.physical_ids.size == out.block_ids.size
+
+
 def test_offset_histogram_of_long_rows_counts_every_token_with_bounded_rank_error():
     rng = np.random.default_rng(5)
     R, K, seq = 6, 2048, 40000
