@@ -305,8 +305,9 @@ class Materializer:
         table_np, table_rows = None, None
         if all(t is not None for t in tables):
             width = max(t.shape[1] for t in tables)  # type: ignore[union-attr]
-            table_np = np.concatenate([np.pad(_host(t), ((0, 0), (0, width - t.shape[1])), constant_values=-1)
-                                       for t in tables])  # type: ignore[union-attr]
+            host_tables = [_host(t) for t in tables]
+            table_np = host_tables[0] if len(host_tables) == 1 else np.concatenate(
+                [np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=-1) for t in host_tables])
             base = np.cumsum([0] + [t.shape[0] for t in tables])[:-1]  # type: ignore[union-attr]
             table_rows = base[row_group] + row_bpos
 

@@ -17,6 +17,7 @@ Conventions (the seed's, see docs/schema.md):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,14 +85,16 @@ def offset_buckets(offsets: np.ndarray, mbits: int = OFFSET_HIST_MBITS) -> np.nd
     return b
 
 
-def _row_percentile_from_hist(cum: np.ndarray, n: np.ndarray, q: float) -> np.ndarray:
-    """Linear-interpolated percentile per row of integer samples given as cumulative histograms [R, W]."""
-    p = np.maximum(n - 1, 0) * q
+def _row_percentile_from_hist(cum: np.ndarray, n: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """Linear-interpolated percentiles [R, len(qs)] per row of integer samples given as cumulative histograms
+    [R, W] (all quantiles in one pass over the histograms)."""
+    q = np.asarray(qs, dtype=np.float64)
+    p = np.maximum(n - 1, 0)[:, None] * q[None, :]
     lo = np.floor(p).astype(np.int64)
     hi = np.ceil(p).astype(np.int64)
-    v_lo = (cum <= lo[:, None]).sum(1)
-    v_hi = (cum <= hi[:, None]).sum(1)
-    return np.where(n > 0, v_lo + (v_hi - v_lo) * (p - lo), 0.0)
+    v_lo = (cum[:, None, :] <= lo[:, :, None]).sum(2)
+    v_hi = (cum[:, None, :] <= hi[:, :, None]).sum(2)
+    return np.where((n > 0)[:, None], v_lo + (v_hi - v_lo) * (p - lo), 0.0)
 
 
 _HAS_BITWISE_COUNT = hasattr(np, "bitwise_count")  # numpy >= 2.0
@@ -104,6 +107,11 @@ def _row_counts(mask: np.ndarray) -> np.ndarray:
     if _HAS_BITWISE_COUNT and K % 8 == 0 and mask.flags.c_contiguous and mask.dtype == np.bool_:
         return np.bitwise_count(mask.view(np.uint64)).sum(1, dtype=np.int64)
     return np.count_nonzero(mask, axis=1).astype(np.int64)
+
+
+def _clamp(idx: np.ndarray, top: int) -> np.ndarray:
+    """``idx`` limited to [0, top] (``np.clip`` has several times the call overhead; this runs per step)."""
+    return np.minimum(np.maximum(idx, 0), top)
 
 
 def _take_per_row(a: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -158,7 +166,7 @@ def _offset_histogram(pos: np.ndarray, seq: np.ndarray, start: np.ndarray, n_val
     edges = (n_valid[:, None] * i[None, :]) // segments             # [R, S+1] rank boundaries
     weight = np.diff(edges, axis=1)                                   # tokens per run (sum = n_valid)
     mid = start[:, None] + (edges[:, :-1] + edges[:, 1:] - 1) // 2  # middle token of each run
-    mid_pos = _take_per_row(pos, np.clip(mid, 0, K - 1))
+    mid_pos = _take_per_row(pos, _clamp(mid, K - 1))
     offs = np.maximum(seq[:, None] - 1 - mid_pos, 0)
     bucket = np.minimum(offset_buckets(offs), nb_hist - 1) + (row_group * nb_hist)[:, None]
     hist = np.bincount(bucket.ravel(), weights=weight.ravel(), minlength=n_groups * nb_hist)
@@ -174,7 +182,7 @@ class Workspace:
 
     def get(self, name: str, shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
         dt = np.dtype(dtype)
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         buf = self._bufs.get((name, dt))
         if buf is None or buf.size < n:
             buf = self._bufs[(name, dt)] = np.empty(max(n, 1), dtype=dt)
@@ -246,13 +254,12 @@ def selection_statistics(
     ratio = unique_blocks / np.maximum(total_blocks, 1)
 
     has = n_valid > 0
-    take = lambda idx: _take_per_row(pos, np.clip(idx, 0, K - 1))  # noqa: E731
-    first, last = take(start), take(end - 1)
-    offset_min = np.where(has, seq - 1 - last, 0)
-    offset_max = np.where(has, seq - 1 - first, 0)
     p = np.maximum(n_valid - 1, 0) * 0.5
     lo, hi = np.floor(p).astype(np.int64), np.ceil(p).astype(np.int64)
-    a, b = take(start + lo), take(start + hi)
+    # first, last and the two middle positions of each row's valid run, in one gather
+    first, last, a, b = _take_per_row(pos, _clamp(np.stack([start, end - 1, start + lo, start + hi], 1), K - 1)).T
+    offset_min = np.where(has, seq - 1 - last, 0)
+    offset_max = np.where(has, seq - 1 - first, 0)
     offset_p50 = np.where(has, (seq - 1) - (a + (b - a) * (p - lo)), 0.0)
 
     # tokens per touched block: run lengths of equal block ids, summarised by a per-row histogram
@@ -267,8 +274,7 @@ def selection_statistics(
     hist = np.bincount(run_row * width + run_len, minlength=R * width).reshape(R, width)
     cum = np.cumsum(hist, 1)
     tpb_mean = np.where(unique_blocks > 0, n_valid / np.maximum(unique_blocks, 1), 0.0)
-    tpb_p50 = _row_percentile_from_hist(cum, unique_blocks, 0.5)
-    tpb_p95 = _row_percentile_from_hist(cum, unique_blocks, 0.95)
+    tpb_p50, tpb_p95 = _row_percentile_from_hist(cum, unique_blocks, (0.5, 0.95)).T
 
     block_runs = _runs_per_row(block_ids, unique_blocks)
     block_row = run_row
@@ -314,6 +320,6 @@ def selection_statistics(
         offset_hist = _offset_histogram(pos, seq, start, n_valid, np.asarray(row_group, dtype=np.int64).reshape(R),
                                         max(n_groups, 1))
 
-    matrix = np.stack([np.asarray(c, dtype=np.float64) for c in columns], 1)
+    matrix = np.ascontiguousarray(np.array(columns, dtype=np.float64).T)  # [R, columns]
     return SelectionStats(columns=tuple(names), matrix=matrix, block_ids=block_ids, block_lengths=unique_blocks,
                           physical_ids=physical, valid_lengths=n_valid, valid_mask=valid, offset_hist=offset_hist)
