@@ -125,7 +125,7 @@ class Session:
     """One mode's tracer, kept for all rounds of a configuration (a worker process starts once, like a server's),
     with the threads / process whose CPU time is charged to tracing."""
 
-    def __init__(self, mode: str, model, out: str) -> None:
+    def __init__(self, mode: str, model, out: str, ring_slots: int = 8) -> None:
         self.mode, self.out = mode, out
         before = {t.native_id for t in threading.enumerate()}
         self.tracer = None
@@ -135,7 +135,7 @@ class Session:
             n = int(worker[len("process"):] or 1) if worker.startswith("process") else 1  # processN: N workers
             cfg = TraceConfig(out_dir=out, run_name=mode.replace("/", "-"), detail=detail,
                               worker="process" if worker.startswith("process") else worker, worker_processes=n,
-                              kv_block_size=model.args.kv_block_size, ring_slots=8)
+                              kv_block_size=model.args.kv_block_size, ring_slots=ring_slots)
             self.tracer = DSATracer(cfg)
             if cfg.worker == "process":
                 self.tracer.flush(timeout_s=120)  # the workers are up before timing starts
@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--no-seed", action="store_true")
     ap.add_argument("--graph", action="store_true",
                     help="decode by replaying a CUDA graph of the step (model/graphs.py), as serving engines do")
+    ap.add_argument("--ring-slots", type=int, default=8, help="TraceConfig.ring_slots of the traced modes")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
@@ -245,7 +246,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     report: dict = {"gpu": gpu, "torch": torch.__version__, "preset": a.preset, "n_layers": args.n_layers,
                     "index_topk": args.index_topk, "steps": a.steps, "repeats": a.repeats, "graph": a.graph,
-                    "configs": []}
+                    "ring_slots": a.ring_slots, "configs": []}
     for spec in a.configs.split(","):
         B, T = map(int, spec.split("x"))
         try:
@@ -254,7 +255,7 @@ def main() -> None:
             report["configs"].append({"B": B, "context": T, "oom": True})
             continue
         outs = {m: tempfile.mkdtemp(prefix="dsa-overhead-") for m in modes}
-        sessions = {m: Session(m, model, outs[m]) for m in modes}
+        sessions = {m: Session(m, model, outs[m], a.ring_slots) for m in modes}
         graph = DecodeGraph(model, cache, B, len(cache.tables[seqs[0]])) if a.graph else None
         run_steps(sessions["off"], model, cache, seqs, T, 3, a.device, graph)  # warm-up (and capture)
         runs: dict[str, list[dict]] = {m: [] for m in modes}

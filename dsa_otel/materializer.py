@@ -346,6 +346,10 @@ class Materializer:
         flat_scores = scores_np[st_all.valid_mask].astype(np.float16) \
             if (cfg.wants_positions and cfg.store_scores and scores_np is not None) else None
         hist = st_all.offset_hist
+        if hist is not None:  # each request's non-empty offset buckets, found for all requests at once
+            hist_req, hist_col = np.nonzero(hist)
+            hist_buckets, hist_counts = self._bucket_ids[hist_col], hist[hist_req, hist_col]
+            hist_cut = np.searchsorted(hist_req, np.arange(hist.shape[0] + 1)).tolist()
         # per-request span attributes (means, maxima, bytes per tier) for all requests at once, not per request
         seg_start = bounds[:-1][bounds[1:] > bounds[:-1]]
         seg_of = np.cumsum(bounds[1:] > bounds[:-1]) - 1  # request j -> its segment (when it has rows)
@@ -381,8 +385,8 @@ class Materializer:
                 if phys is not None:
                     kw["physical_block_ids"] = (phys[blk_off[a]:blk_off[b]], unique_blocks[a:b])
             if hist is not None:
-                nz = np.flatnonzero(hist[j])
-                kw["offset_hist"] = (OFFSET_HIST_MBITS, self._bucket_ids[nz], hist[j][nz])
+                h0, h1 = hist_cut[j], hist_cut[j + 1]
+                kw["offset_hist"] = (OFFSET_HIST_MBITS, hist_buckets[h0:h1], hist_counts[h0:h1])
             slab = matrix[a:b]
             payload = StepPayload(
                 layer_ids=row_layer[a:b], columns=all_columns, stats=slab,

@@ -69,15 +69,18 @@ class SummaryAccumulator:
             self.sketches["touched_block_ratio"].add(stats[:, col["touched_block_ratio"]])
             self.sketches["tokens_per_touched_block"].add(stats[:, col["tokens_per_touched_block.mean"]])
             self.sketches["offset_p50"].add(stats[:, col["offset_p50"]])
-            hists = [p for p, _ in items if p.offset_hist_buckets.size]
-            for mbits in sorted({p.offset_hist_mbits for p in hists}):
-                same = [p for p in hists if p.offset_hist_mbits == mbits]
+            # each payload's rows in ``stats``, for per-payload selections without a numpy call per payload
+            n_rows = [p.layer_ids.size for p, _ in items]
+            payload_of_row = np.repeat(np.arange(len(items)), n_rows)
+            mbits_of = np.array([p.offset_hist_mbits if p.offset_hist_buckets.size else -1 for p, _ in items])
+            for mbits in sorted(set(mbits_of.tolist()) - {-1}):
+                same = [p for (p, _), m in zip(items, mbits_of) if m == mbits]
+                rows = mbits_of[payload_of_row] == mbits
                 self.sketches["offsets"].add_bucketed(
                     np.concatenate([p.offset_hist_buckets for p in same]),
                     np.concatenate([p.offset_hist_counts for p in same]), mbits,
-                    float(min(p.stats[:, col["offset_min"]].min() for p in same)),
-                    float(max(p.stats[:, col["offset_max"]].max() for p in same)))
-            hit_rows = np.concatenate([np.full(p.layer_ids.size, hit) for p, hit in items])
+                    float(stats[rows, col["offset_min"]].min()), float(stats[rows, col["offset_max"]].max()))
+            hit_rows = np.repeat(np.array([hit for _, hit in items], dtype=bool), n_rows)
             if hit_rows.any():
                 inter = stats[hit_rows, col["prefix_intersection_blocks"]]
                 ubh = ub[hit_rows]

@@ -128,10 +128,11 @@ def test_summary_batches_steps_without_changing_the_result(monkeypatch):
                "offset_max", "prefix_intersection_blocks", "kv_fetch.hbm.bytes_read")
     steps = []
     for i in range(10):
-        stats = rng.integers(1, 50, size=(4, len(columns))).astype(np.float64)
-        stats[:, 1] = rng.random(4)
-        buckets = np.unique(rng.integers(100, 200, size=5))
-        p = StepPayload(layer_ids=np.arange(4), columns=columns, stats=stats, offset_hist_mbits=3,
+        n = 2 + i % 4  # payloads of different row counts, some without a histogram, two resolutions
+        stats = rng.integers(1, 50, size=(n, len(columns))).astype(np.float64)
+        stats[:, 1] = rng.random(n)
+        buckets = np.unique(rng.integers(100, 200, size=5)) if i % 4 != 3 else np.zeros(0, dtype=np.int64)
+        p = StepPayload(layer_ids=np.arange(n), columns=columns, stats=stats, offset_hist_mbits=3 + (i % 5 == 0),
                         offset_hist_buckets=buckets, offset_hist_counts=np.full(buckets.size, 2))
         steps.append(({sc.REQUEST_ID: i % 3, sc.PREFIX_CACHED_BLOCKS: 2 if i % 2 else 0}, p))
 
@@ -142,9 +143,20 @@ def test_summary_batches_steps_without_changing_the_result(monkeypatch):
             acc.add_step(attrs, p)
         return acc.to_json()
 
+    def rounded(x):  # folding in batches sums in another order: means may differ in the last bits
+        if isinstance(x, float):
+            return float(f"{x:.12g}")
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        return [rounded(v) for v in x] if isinstance(x, list) else x
+
     each, threes, once = summary(1), summary(3), summary(10_000)
-    assert each == threes == once
-    assert once["records"] == 40 and once["steps"] == 10 and once["requests"] == 3
-    assert once["unique_blocks"]["count"] == 40 and once["prefix_intersection_ratio"]["count"] == 20
+    assert rounded(each) == rounded(threes) == rounded(once)
+    n_rows = sum(p.layer_ids.size for _, p in steps)
+    hit_rows = sum(p.layer_ids.size for attrs, p in steps if attrs[sc.PREFIX_CACHED_BLOCKS])
+    assert once["records"] == n_rows and once["steps"] == 10 and once["requests"] == 3
+    assert once["unique_blocks"]["count"] == n_rows and once["prefix_intersection_ratio"]["count"] == hit_rows
+    offsets_min = min(p.stats[:, 4].min() for _, p in steps if p.offset_hist_buckets.size)
+    assert once["offsets"]["min"] == offsets_min
     assert once["offsets"]["count"] == sum(int(p.offset_hist_counts.sum()) for _, p in steps)
     assert once["kv_fetch_totals"]["hbm"]["bytes_read"] == sum(float(p.stats[:, 7].sum()) for _, p in steps)
