@@ -125,7 +125,7 @@ class Session:
     """One mode's tracer, kept for all rounds of a configuration (a worker process starts once, like a server's),
     with the threads / process whose CPU time is charged to tracing."""
 
-    def __init__(self, mode: str, model, out: str, ring_slots: int = 8) -> None:
+    def __init__(self, mode: str, model, out: str, ring_slots: int = 0) -> None:
         self.mode, self.out = mode, out
         before = {t.native_id for t in threading.enumerate()}
         self.tracer = None
@@ -233,7 +233,8 @@ def main() -> None:
     ap.add_argument("--no-seed", action="store_true")
     ap.add_argument("--graph", action="store_true",
                     help="decode by replaying a CUDA graph of the step (model/graphs.py), as serving engines do")
-    ap.add_argument("--ring-slots", type=int, default=8, help="TraceConfig.ring_slots of the traced modes")
+    ap.add_argument("--ring-slots", type=int, default=0,
+                    help="TraceConfig.ring_slots of the traced modes (0: the default, 8 thread / 32 process)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32

@@ -74,23 +74,30 @@ class SnapshotRing:
     host) several MB per step; the number of buffers is bounded by the tracer's ring_slots."""
 
     def __init__(self) -> None:
-        self._free: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
+        self._free: dict[tuple[str, torch.dtype], list[tuple[torch.Tensor, Any]]] = {}
         self._lock = threading.Lock()
 
     def acquire(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """A buffer of at least ``numel`` elements. A CUDA buffer given back with a ``reads_done`` event is
+        reused only after it: the caller's current stream waits for the event on the GPU (no host wait)."""
         key = (str(device), dtype)
         with self._lock:
             free = self._free.get(key, [])
-            for i, buf in enumerate(free):
+            for i, (buf, reads_done) in enumerate(free):
                 if buf.numel() >= numel:
-                    return free.pop(i)
+                    free.pop(i)
+                    if reads_done is not None:
+                        torch.cuda.current_stream(buf.device).wait_event(reads_done)
+                    return buf
         return torch.empty(max(numel, 1), dtype=dtype, device=device)
 
-    def release(self, buf: torch.Tensor | None) -> None:
+    def release(self, buf: torch.Tensor | None, reads_done: Any = None) -> None:
+        """Give a buffer back. ``reads_done``: a CUDA event after the last kernel or copy still reading it (the
+        buffer can then be handed back as soon as those are enqueued, not once they have run)."""
         if buf is None:
             return
         with self._lock:
-            self._free.setdefault((str(buf.device), buf.dtype), []).append(buf)
+            self._free.setdefault((str(buf.device), buf.dtype), []).append((buf, reads_done))
 
 
 class StepCollector:

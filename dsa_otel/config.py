@@ -68,7 +68,8 @@ class TraceConfig:
             Elasticsearch: 32766 bytes per keyword; Tempo truncates at its ``max_attribute_bytes``); 0 = never split.
         compression: ``zstd`` compresses shards (``.jsonl.zst``, one frame per batch, readable after a crash).
         ring_slots: capture slots in flight between the model thread and the materializer; when all are busy
-            the step is dropped and counted rather than waiting.
+            the step is dropped and counted rather than waiting. 0 (the default) picks 8 for a thread worker
+            and 32 for worker processes (``capture_slots``).
         trace_prefill: also trace A during prefill: for every prefill chunk, the top-k of its last query (one
             ``phase="prefill"`` step per chunk, span ``dsa.prefill_chunk``); ``dsa-otel analyze`` keeps them apart
             from decode.
@@ -109,7 +110,7 @@ class TraceConfig:
     otlp_compression: str | None = None
     compression: Compression = "none"
     payload_chunk_bytes: int = 32000
-    ring_slots: int = 8
+    ring_slots: int = 0
     trace_prefill: bool = False
     worker: WorkerKind = "thread"
     worker_processes: int = 1
@@ -158,6 +159,16 @@ class TraceConfig:
         return base if self.world_size == 1 else os.path.join(base, f"rank{self.rank}")
 
     @property
+    def capture_slots(self) -> int:
+        """``ring_slots``, or with 0 the automatic depth: 8 for a thread worker (each step in flight holds its
+        snapshot in device memory), 32 for worker processes (a step in flight holds only host shared memory,
+        allocated as the backlog reaches it; the deeper ring rides out the workers' pauses, see
+        docs/performance.md)."""
+        if self.ring_slots:
+            return self.ring_slots
+        return AUTO_RING_SLOTS_PROCESS if self.worker == "process" else AUTO_RING_SLOTS_THREAD
+
+    @property
     def wants_blocks(self) -> bool:
         return self.detail in ("blocks", "full")
 
@@ -175,6 +186,9 @@ class TraceConfig:
 
 
 MAX_WORKER_PROCESSES = 7  # a slot's 64-byte header holds the step's token and one done word per worker
+AUTO_RING_SLOTS_THREAD = 8
+AUTO_RING_SLOTS_PROCESS = 32
+MAX_RING_SLOTS = 1024
 
 
 def _env_fields() -> list[dataclasses.Field]:
@@ -287,7 +301,7 @@ def _validate(c: TraceConfig) -> None:
     need(c.otlp_protocol is None or c.otlp_protocol in OTLP_PROTOCOLS, "otlp_protocol",
          f"must be one of {', '.join(OTLP_PROTOCOLS)}")
     need(c.compression in COMPRESSIONS, "compression", f"must be one of {', '.join(COMPRESSIONS)}")
-    need(c.ring_slots >= 1, "ring_slots", "must be >= 1")
+    need(0 <= c.ring_slots <= MAX_RING_SLOTS, "ring_slots", f"must be within [0, {MAX_RING_SLOTS}] (0: automatic)")
     need(c.worker in WORKERS, "worker", f"must be one of {', '.join(WORKERS)}")
     need(1 <= c.worker_processes <= MAX_WORKER_PROCESSES, "worker_processes",
          f"must be within [1, {MAX_WORKER_PROCESSES}]")

@@ -70,7 +70,7 @@ class DSATracer:
         if not self.enabled:
             return
         cfg = self.config
-        self._slots = threading.BoundedSemaphore(cfg.ring_slots)
+        self._slots = threading.BoundedSemaphore(cfg.capture_slots)
         self._ring = SnapshotRing()
         if cfg.worker == "process":
             if exporters is not None:

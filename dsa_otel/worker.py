@@ -37,6 +37,7 @@ stops reading its socket altogether is declared lost once 64 MB of messages wait
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import mmap
 import os
@@ -71,6 +72,21 @@ READY_TIMEOUT_S = 60.0  # how long the worker waits for a step's data to land in
 STOP_TIMEOUT_S = 60.0  # how long shutdown waits for the worker to flush and close its files
 
 
+def _reserve(fd: int, size: int, path: str, directory: str) -> None:
+    """Size a slot file with its pages reserved: on a full tmpfs a sparse file maps fine and then kills the
+    process with SIGBUS on first touch (a DMA into it, or the worker reading it); reserving turns that into
+    ENOSPC here, where the step is dropped and counted. Filesystems without fallocate get a sparse file."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise OSError(exc.errno, f"cannot reserve a {size >> 20} MiB capture slot in {directory} "
+                          f"({exc.strerror}): the step is dropped. Give it room (docker: --shm-size) or lower "
+                          "TraceConfig.ring_slots", path) from None
+    os.ftruncate(fd, size)
+
+
 class SharedSlot:
     """One capture slot's host buffer: a file in /dev/shm mapped by both processes. Grows by replacing the file
     (a new generation); the worker maps a path the first time a step names it."""
@@ -100,8 +116,12 @@ class SharedSlot:
         self.path = os.path.join(self.directory, f"dsa-otel-{self.tag}-{self.index}-{self.generation}")
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, size)
+            _reserve(fd, size, self.path, self.directory)
             self._map = mmap.mmap(fd, size)
+        except OSError:
+            os.unlink(self.path)
+            self.path, self.size, self._map, self.array, self._header = "", 0, None, None, None
+            raise
         finally:
             os.close(fd)
         self.size = size
@@ -354,7 +374,7 @@ class ProcessMaterializer:
     free again when every live worker has written the step's token into its done word."""
 
     def __init__(self, config: TraceConfig, kv_fetch_model: KVFetchModel | None, counters: Counters,
-                 release_slot: Callable[[], None], release_buffer: Callable[[Any], None],
+                 release_slot: Callable[[], None], release_buffer: Callable[..., None],
                  resource_attributes: dict[str, Any] | None = None) -> None:
         self.config = config
         self.counters = counters
@@ -370,8 +390,8 @@ class ProcessMaterializer:
         self._late: _LateCopies | None = None
         tag = f"{os.getpid()}-{secrets.token_hex(4)}"
         directory = _shm_dir()
-        self._slots = [SharedSlot(directory, tag, i) for i in range(config.ring_slots)]
-        self._free_slots: list[int] = list(range(config.ring_slots))
+        self._slots = [SharedSlot(directory, tag, i) for i in range(config.capture_slots)]
+        self._free_slots: list[int] = list(range(config.capture_slots))
         self._in_flight: dict[int, tuple[int, Any]] = {}  # slot -> (its step's token, what to keep until done)
         self._slot_lock = threading.Lock()
         self._token_src: dict[torch.device, torch.Tensor] = {}  # per device, one int64 per slot: its next token
@@ -394,8 +414,10 @@ class ProcessMaterializer:
             try:
                 self._ship_step(msg[1])
             except Exception as exc:  # tracing never takes the model down
-                log.exception("could not hand a step to the tracing worker", error=repr(exc))
                 self._failed_here += 1
+                if self._failed_here & (self._failed_here - 1) == 0:  # 1st, 2nd, 4th, ...: no log per step
+                    log.exception("could not hand a step to the tracing worker; it is dropped", error=str(exc),
+                              steps_failed=self._failed_here)
         elif kind == "flush":
             self._request(("flush",), msg[1])
         elif kind == "stop":
@@ -602,8 +624,11 @@ class ProcessMaterializer:
         keep = cap.buffer
         cap.buffer = None
         if on_gpu:
-            self._gpu_to_slot(cap, slot, slot_id, token, list(zip(views, (t for _, t, _ in arrays))))
-            return keep, regions
+            reads_done = self._gpu_to_slot(cap, slot, slot_id, token, list(zip(views, (t for _, t, _ in arrays))))
+            # the snapshot buffer is free for reuse once the copies out of it have run (the next user's stream
+            # waits for them on the GPU): device memory stays at a buffer or two however deep the ring is
+            self.release_buffer(keep, reads_done)
+            return None, regions
         np.copyto(views[0], idx.numpy(), casting="unsafe")  # CPU: copy now (numpy releases the GIL)
         if cap.scores is not None:
             np.copyto(views[1], cap.scores.float().numpy())
@@ -628,10 +653,11 @@ class ProcessMaterializer:
         }
 
     def _gpu_to_slot(self, cap: StepCapture, slot: SharedSlot, slot_id: int, token: int,
-                     copies: list[tuple[np.ndarray, torch.Tensor]]) -> None:
+                     copies: list[tuple[np.ndarray, torch.Tensor]]) -> Any:
         """DMA the step's tensors into the slot on a side stream, after the snapshot's event, then the step's token
         into the slot's header; nothing here waits for the GPU (the worker waits for the token; the DMAs of one
-        stream complete in order). Tensors that are not in a ring buffer get ``record_stream``."""
+        stream complete in order). Tensors that are not in a ring buffer get ``record_stream``. Returns a CUDA
+        event after the last copy out of the snapshot buffer."""
         stream = self._stream(cap.indices.device)
         header = slot.header()
         with torch.cuda.stream(stream):
@@ -639,12 +665,14 @@ class ProcessMaterializer:
             if slot.registered:
                 for dst, src in copies:
                     torch.from_numpy(dst).copy_(src, non_blocking=True)
-                    if src is not cap.packed:  # the ring buffer is held until the worker is done; others are not
+                    if src is not cap.packed:  # the ring buffer is released with an event; others are not
                         src.record_stream(stream)  # their owner may free them: the allocator waits for this copy
+                reads_done = torch.cuda.Event()
+                reads_done.record(stream)
                 src_token = self._token_source(cap.indices.device)[slot_id:slot_id + 1]
                 src_token.fill_(token)
                 torch.from_numpy(header[:1]).copy_(src_token, non_blocking=True)
-                return
+                return reads_done
             staged = []  # page-locked staging, then a host copy by the late-copy thread
             for i, (dst, src) in enumerate(copies):
                 st = self._stage_buffer(src, slot_id, i)
@@ -655,6 +683,7 @@ class ProcessMaterializer:
         if self._late is None:
             self._late = _LateCopies()
         self._late.put(done, staged, header, token)
+        return done
 
     def _token_source(self, dev: torch.device) -> torch.Tensor:
         t = self._token_src.get(dev)

@@ -104,6 +104,49 @@ def test_process_worker_recycles_slots_on_cuda(tmp_path):
         assert r["seq_len_current"] in ([300 + s for s in range(12)], [500 + s for s in range(12)], [40])[b]
 
 
+def test_steps_waiting_for_a_worker_hold_host_slots_not_device_memory(tmp_path):
+    """With the worker stopped, ten steps wait in ten shared-memory slots while the model goes on: the device
+    snapshot buffer is handed back as soon as its copy is enqueued (the next snapshot waits for that copy on the
+    GPU), so one or two device buffers serve them all; the records are still exactly the CPU path's."""
+    import os
+    import signal
+    import time
+
+    def run(device: str, worker: str):
+        cfg = TraceConfig(out_dir=str(tmp_path), run_name=f"held-{device}", detail="blocks", ring_slots=16,
+                          kv_block_size=16, worker=worker)
+        tracer = DSATracer(cfg)
+        assert tracer.flush(timeout_s=60)
+        gen = torch.Generator().manual_seed(3)
+        table = torch.arange(3 * 40).view(3, 40).to(device)
+        pid = tracer.tracing_stats().get("worker_pid") if worker == "process" else None
+        if pid:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for step in range(10):
+                idx = torch.randint(0, 600, (4, 3, 64), generator=gen, dtype=torch.int32).to(device)
+                tracer.record_topk(range(4), idx, torch.tensor([600 + step] * 3).to(device), [0, 1, 2],
+                                   block_table=table)
+                assert tracer.end_step()
+            if pid:
+                time.sleep(0.5)
+                tracer.materializer.poll()
+                assert len(tracer.materializer._in_flight) == 10  # all waiting for the worker
+                held = sum(len(v) for v in tracer._ring._free.values())
+                assert 1 <= held <= 2  # ...and the snapshot buffers are free for reuse
+        finally:
+            if pid:
+                os.kill(pid, signal.SIGCONT)
+        for r in (0, 1, 2):
+            tracer.end_request(r)
+        tracer.shutdown(timeout_s=60)
+        assert tracer.tracing_stats()["steps_captured"] == 10
+        return [{k: v for k, v in r.items() if k != "trace_id"} for r in read_records(cfg.run_dir)]
+
+    key = lambda r: (r["request_id"], r["step_idx"], r["layer_id"])  # noqa: E731
+    assert sorted(run("cpu", "thread"), key=key) == sorted(run("cuda", "process"), key=key)
+
+
 @pytest.mark.parametrize("worker", ["thread", "process", "process3"])
 def test_model_thread_never_synchronises(tmp_path, worker):
     tr, recs = _run(str(tmp_path), "cuda", "full", sync_check=True, worker=worker)

@@ -118,6 +118,52 @@ def test_stalled_worker_makes_steps_drop_and_the_count_reaches_summary(tmp_path)
     assert len(records(str(tmp_path / "r"))) == kept.count(True)
 
 
+def test_ring_depth_defaults_to_8_for_a_thread_and_32_for_worker_processes():
+    assert TraceConfig().capture_slots == 8
+    assert TraceConfig(worker="process").capture_slots == 32
+    assert TraceConfig(worker="process", ring_slots=5).capture_slots == 5
+    assert TraceConfig.from_env({"DSA_OTEL_RING_SLOTS": "12"}).capture_slots == 12
+    with pytest.raises(ConfigError, match="ring_slots"):
+        TraceConfig(ring_slots=-1)
+
+
+def test_a_full_shared_memory_drops_the_step_with_a_clear_error_and_tracing_goes_on(tmp_path, monkeypatch, capsys):
+    """A slot that cannot be reserved (tmpfs full: posix_fallocate says ENOSPC) drops that step, counted and
+    logged, instead of a SIGBUS when the step is written; once there is room again steps are recorded."""
+    import errno
+
+    import dsa_otel.worker as W
+
+    cfg = TraceConfig(out_dir=str(tmp_path), run_name="r", kv_block_size=16, worker="process")
+    tracer = DSATracer(cfg)
+    assert tracer.flush(timeout_s=60)
+    real = os.posix_fallocate
+    full = {"on": True}
+
+    def fallocate(fd, offset, size):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, offset, size)
+
+    monkeypatch.setattr(W.os, "posix_fallocate", fallocate)
+    for s in range(3):
+        tracer.record_topk(0, torch.arange(32).view(1, 32), torch.tensor([100 + s]), [7])
+        assert tracer.end_step()  # taken: the failure is in the hand-over, not a full ring
+    tag = tracer.materializer._slots[0].tag
+    assert not [f for f in os.listdir(W._shm_dir()) if f.startswith(f"dsa-otel-{tag}-")]  # nothing half-made
+    full["on"] = False
+    for s in range(3, 5):
+        tracer.record_topk(0, torch.arange(32).view(1, 32), torch.tensor([100 + s]), [7])
+        tracer.end_step()
+    tracer.end_request(7)
+    tracer.shutdown(timeout_s=60)
+    stats = tracer.tracing_stats()
+    assert stats["steps_failed"] == 3
+    assert sorted(r["seq_len_current"] for r in records(str(tmp_path / "r"))) == [103, 104]
+    err = capsys.readouterr()
+    assert "cannot reserve" in err.out + err.err and "shm-size" in err.out + err.err
+
+
 def test_killed_worker_never_blocks_the_traced_program(tmp_path):
     cfg = TraceConfig(out_dir=str(tmp_path), run_name="r", kv_block_size=16, worker="process", ring_slots=4)
     tracer = DSATracer(cfg)
