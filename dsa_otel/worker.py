@@ -417,7 +417,7 @@ class ProcessMaterializer:
                 self._failed_here += 1
                 if self._failed_here & (self._failed_here - 1) == 0:  # 1st, 2nd, 4th, ...: no log per step
                     log.exception("could not hand a step to the tracing worker; it is dropped", error=str(exc),
-                              steps_failed=self._failed_here)
+                                  steps_failed=self._failed_here)
         elif kind == "flush":
             self._request(("flush",), msg[1])
         elif kind == "stop":

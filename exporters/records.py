@@ -19,10 +19,6 @@ from dsa_otel import semconv as sc
 from dsa_otel.kvfetch import TIER_FIELDS
 from dsa_otel.wire import Ragged, StepPayload, decode_step_payload
 
-INT_COLUMNS = frozenset({
-    "seq_len_current", "unique_token_pos_count", "offset_min", "offset_max", "unique_blocks",
-    "total_blocks_in_use", "block_runs", "prefix_intersection_blocks", "physical_block_runs",
-})
 INT_TIER_FIELDS = frozenset({"bytes_read", "read_ops", "hit_blocks"})
 
 
