@@ -234,7 +234,7 @@ def _run_options(args: argparse.Namespace, dataset: str, data: str) -> Any:
                       kv_block_size=args.kv_block_size, detail=args.detail, exporter=args.exporter, model=args.model,
                       seed=args.seed, resume=getattr(args, "resume", False), time_scale=args.time_scale,
                       length=args.length, difficulty=args.difficulty, window=(args.window_start, args.window_end),
-                      device=args.device, progress=not args.quiet)
+                      device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.quiet)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -303,6 +303,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-start", type=float, default=None, help="BurstGPT: first timestamp (s)")
     p.add_argument("--window-end", type=float, default=None, help="BurstGPT: end timestamp (s)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from CUDA graphs, as vLLM and SGLang decode (needs --device cuda)")
     p.add_argument("--quiet", action="store_true")
 
 

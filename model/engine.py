@@ -8,7 +8,9 @@ batching with arrival times, per-request timings, and tracing of A-D.
   is always computed, as vLLM does), really skipping that part of the prefill.
 * ``Engine`` — admits requests in arrival order (honouring arrival times on a wall clock scaled by ``time_scale``),
   prefills them, decodes all running requests one token per step, and lets each leave on EOS, its budget
-  (``max_new_tokens <= 0``: until EOS or the context limit) or the context limit.
+  (``max_new_tokens <= 0``: until EOS or the context limit) or the context limit. On a GPU, ``cuda_graphs=True``
+  replays each decode step from a CUDA graph, as vLLM and SGLang decode: the batch is padded up to a power of two
+  and the block table's width up to a power of two of blocks, so a handful of graphs serve a whole run.
 
 Mapping to real engines: docs/engine.md.
 """
@@ -23,7 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .dsa import DSATransformer
+from .dsa import DSATransformer, MoE
+from .graphs import DecodeGraph
 from .kv import BlockAllocator, OutOfBlocks, PagedKVCache
 
 
@@ -153,11 +156,19 @@ class Engine:
     def __init__(self, model: DSATransformer, num_blocks: int, *, max_batch: int = 8, max_tokens_per_step: int = 8192,
                  prefix_caching: bool = True, tracer: Any = None, eos_id: int | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, chunk: int = 128,
-                 time_scale: float = 1.0) -> None:
+                 time_scale: float = 1.0, cuda_graphs: bool = False) -> None:
+        if cuda_graphs and torch.device(device).type != "cuda":
+            raise ValueError("cuda_graphs=True needs device='cuda': a CUDA graph replays GPU work only")
         self.model = model
         self.args = model.args
         self.pool = BlockPool(num_blocks)
-        self.cache = PagedKVCache(self.args, num_blocks, device=device, dtype=dtype, allocator=self.pool)
+        # With CUDA graphs the cache holds one block more than the pool hands out: the rows that pad a batch up
+        # to a captured size write their (never read) KV entry there.
+        self.cache = PagedKVCache(self.args, num_blocks + int(cuda_graphs), device=device, dtype=dtype,
+                                  allocator=self.pool)
+        self.cuda_graphs = cuda_graphs
+        self.graphs: dict[tuple[int, int], DecodeGraph] = {}  # (batch, table width) -> its captured step
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.prefix = PrefixCache(self.pool, self.args.kv_block_size) if prefix_caching else None
         self.max_batch = max_batch
         self.max_tokens_per_step = max_tokens_per_step
@@ -263,10 +274,12 @@ class Engine:
         for rid in rids:
             self.cache.reserve(rid, 1)
         start = torch.tensor([self.cache.lengths[r] for r in rids], device=self.device)
-        table = self.cache.block_table(rids)
         tokens = torch.tensor([[r.output[-1]] for r in running], device=self.device)
-        logits = self.model(tokens, start, self.cache, table, chunk=self.chunk, tracer=self.tracer,
-                            request_ids=rids)
+        if self.cuda_graphs and len(rids) <= MoE.DENSE_ROUTING_MAX_TOKENS:
+            logits = self._replay(rids, tokens, start)
+        else:
+            logits = self.model(tokens, start, self.cache, self.cache.block_table(rids), chunk=self.chunk,
+                                tracer=self.tracer, request_ids=rids)
         for rid in rids:
             self.cache.advance(rid, 1)
         if self.tracer is not None:
@@ -274,6 +287,29 @@ class Engine:
         for req, tok in zip(running, logits[:, -1].argmax(-1).tolist()):
             req.output.append(tok)
         self.steps += 1
+
+    def _replay(self, rids: list, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """One decode step from the CUDA graph of its (batch, width) bucket; returns the real rows' logits.
+
+        The batch is padded up to the next power of two with rows that decode token 0 at position 0 into the
+        cache's spare block, and the table's width up to the next power of two of blocks (at most the context
+        limit): the graph's indexer then scores that many positions, masked past each sequence's length as in
+        eager decoding. Only the real rows are traced and returned."""
+        B = len(rids)
+        width = max(len(self.cache.tables[r]) for r in rids)
+        most = -(-self.args.max_seq_len // self.cache.block_size)
+        Bp, Wp = _pow2_at_least(B), max(width, min(_pow2_at_least(width), most))
+        graph = self.graphs.get((Bp, Wp))
+        if graph is None:
+            graph = self.graphs[(Bp, Wp)] = DecodeGraph(self.model, self.cache, Bp, Wp, pool=self._graph_pool)
+        table = self.cache.block_table(rids, width=Wp)
+        if Bp > B:
+            pad = torch.full((Bp - B, Wp), -1, dtype=table.dtype, device=self.device)
+            pad[:, 0] = self.cache.num_blocks - 1  # the spare block
+            table = torch.cat([table, pad])
+            tokens = torch.cat([tokens, tokens.new_zeros(Bp - B, 1)])
+            start = torch.cat([start, start.new_zeros(Bp - B)])
+        return graph(tokens, start, table, tracer=self.tracer, request_ids=rids)[:B]
 
     def _finish(self, req: Request, reason: str, done: list[Request]) -> None:
         req.finish_reason = reason
@@ -288,3 +324,7 @@ class Engine:
         done.append(req)
         if self.on_finish is not None:
             self.on_finish(req)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

@@ -42,7 +42,8 @@ class DecodeGraph:
     """One decode step of ``model`` over ``cache``, captured on the first call and replayed afterwards.
 
     ``graph(tokens [B, 1], start_pos [B], table [B, w <= W])`` returns the logits [B, 1, vocab] (a static buffer,
-    overwritten by the next call: read it, or clone it, before). The first call runs the step eagerly a few times
+    overwritten by the next call: read it, or clone it, before). With ``tracer``, the first ``len(request_ids)``
+    rows are traced (an engine pads its batch up to a captured size with rows it does not trace). The first call runs the step eagerly a few times
     to warm up and then captures it; those runs write the new tokens' KV entries to the same slots with the same
     values the replay writes, so they leave the cache as one step would."""
 
@@ -86,8 +87,12 @@ class DecodeGraph:
         self._graph.replay()
         if tracer is not None and getattr(tracer, "enabled", True):
             rids = list(request_ids) if request_ids is not None else list(range(B))
+            n = len(rids)  # fewer ids than rows: the rest pad the batch up to the captured size, untraced
+            if n > B:
+                raise ValueError(f"{n} request ids for a batch of {B}")
             # all layers in one call: the tracer snapshots the [L, B, K] buffer with one copy
-            tracer.record_topk(range(self.model.args.n_layers), self.topk, start_pos + 1, rids, block_table=table)
+            tracer.record_topk(range(self.model.args.n_layers), self.topk if n == B else self.topk[:, :n],
+                               (start_pos + 1)[:n], rids, block_table=table[:n])
         return self.logits
 
     def _step(self) -> torch.Tensor:

@@ -56,6 +56,7 @@ class RunOptions:
     difficulty: str | None = None      # LongBench-v2 filter
     window: tuple[float | None, float | None] = (None, None)  # BurstGPT
     device: str = "cpu"
+    cuda_graphs: bool = False  # decode steps replayed from CUDA graphs (device must be cuda)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -155,6 +156,8 @@ def run(o: RunOptions) -> dict[str, Any]:
     from dsa_otel.model.engine import Engine, Request
     from dsa_otel.tracer import DSATracer
 
+    if o.cuda_graphs and not o.device.startswith("cuda"):
+        raise ValueError(f"--cuda-graphs needs a CUDA device (got --device {o.device})")
     report = LoadReport(o.dataset)
     items = load_dataset(o, report)
     model, tok = build(o)
@@ -193,7 +196,7 @@ def run(o: RunOptions) -> dict[str, Any]:
         _merge_json(os.path.join(cfg.run_dir, "run_meta.json"), {"workload": workload})
         engine = Engine(model, num_blocks=_blocks_needed(reqs, margs), max_batch=o.batch_size, tracer=tracer,
                         eos_id=getattr(tok, "eos_id", None), device=o.device,
-                        dtype=next(model.parameters()).dtype)
+                        dtype=next(model.parameters()).dtype, cuda_graphs=o.cuda_graphs)
         bar = _progress(o, len(reqs), tracer)
         if bar is not None:
             produced = [0]

@@ -245,3 +245,40 @@ def test_cuda_graph_decode_equals_eager_decode_and_traces_the_same(tmp_path):
     key = lambda r: (r["request_id"], r["step_idx"], r["layer_id"])  # noqa: E731
     assert sorted(eager_recs, key=key) == sorted(graph_recs, key=key)
     assert {r["seq_len_current"] for r in graph_recs if r["request_id"] == 1} == {21, 22, 23, 24}
+
+
+def test_engine_decoding_from_cuda_graphs_equals_eager_decoding_and_traces_the_same(tmp_path):
+    """The engine with ``cuda_graphs=True``: batches of 1-3 running requests (padded to 1, 2, 4) and growing block
+    tables (widths padded to powers of two) replay a handful of captured graphs; outputs, the prefix cache's work
+    and the A-D records equal eager decoding's (float32, tiny model)."""
+    from dsa_otel.model.config import preset
+    from dsa_otel.model.dsa import build_model
+    from dsa_otel.model.engine import Engine, Request
+
+    args = preset("tiny", index_topk=12)
+    torch.manual_seed(0)
+    model = build_model(args, device="cuda", dtype=torch.float32)
+    rng = np.random.default_rng(5)
+    system = rng.integers(0, 256, 2 * args.kv_block_size + 3).tolist()
+    prompts = [system + rng.integers(0, 256, 5 + 9 * i).tolist() for i in range(5)]
+
+    def serve(graphs: bool):
+        cfg = TraceConfig(out_dir=str(tmp_path), run_name="graphs" if graphs else "eager", detail="full",
+                          kv_block_size=args.kv_block_size, ring_slots=64)
+        tracer = DSATracer(cfg)
+        reqs = [Request(i, p, max_new_tokens=4 + 3 * i, arrival_s=0.0) for i, p in enumerate(prompts)]
+        engine = Engine(model, 64, max_batch=3, tracer=tracer, device="cuda", cuda_graphs=graphs)
+        done = engine.run(reqs)
+        tracer.shutdown()
+        recs = [{k: v for k, v in r.items() if k != "trace_id"} for r in read_records(cfg.run_dir)]
+        return {r.request_id: r.output for r in done}, recs, engine
+
+    eager_out, eager_recs, _ = serve(False)
+    graph_out, graph_recs, engine = serve(True)
+    assert graph_out == eager_out
+    key = lambda r: (r["request_id"], r["step_idx"], r["layer_id"])  # noqa: E731
+    assert sorted(graph_recs, key=key) == sorted(eager_recs, key=key)
+    assert len(graph_recs) == sum(len(o) - 1 for o in graph_out.values()) * args.n_layers
+    assert any(r["prefix"]["prefix_cache_hit"] for r in graph_recs)
+    batches = {b for b, _ in engine.graphs}
+    assert 4 in batches and len(engine.graphs) <= 8  # 3 requests padded to 4; a few graphs serve the run

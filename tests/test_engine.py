@@ -54,6 +54,11 @@ def test_continuous_batching_equals_running_alone(model):
         assert len(alone.output) == r.max_new_tokens
 
 
+def test_cuda_graphs_need_a_cuda_device(model):
+    with pytest.raises(ValueError, match="needs device='cuda'"):
+        Engine(model, 64, cuda_graphs=True)
+
+
 def test_arrivals_and_timings(model):
     reqs = shared_prefix_requests(n=3, new=3)
     for i, r in enumerate(reqs):

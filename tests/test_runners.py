@@ -51,6 +51,14 @@ def test_prompt_filter_is_counted(tmp_path):
     assert w["filtered_too_long"] > 0 and res["requests_run"] == 4 - w["filtered_too_long"]
 
 
+def test_cuda_graphs_without_a_gpu_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.run([EXE, "run", "sharegpt", "--out", str(out), "--cuda-graphs", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--cuda-graphs needs a CUDA device" in proc.stderr
+    assert not out.exists()
+
+
 def test_existing_run_needs_resume(tmp_path):
     o = RunOptions(dataset="sharegpt", data=DATA["sharegpt"], out=str(tmp_path), max_new_tokens=2, progress=False)
     run(o)
