@@ -44,3 +44,20 @@ def test_step_breakdown_smoke_on_cpu(tmp_path):
         assert e["step_ms"] > 0 and e["host_graph_ms"] > 0 and e["host_wait_ms"] >= 0
         assert e["step_ms"] >= e["host_graph_ms"]  # a phase of the step
     assert row["modes"]["off"]["ratio_to_off"] == 1.0
+
+
+def test_engine_serve_bench_smoke_on_cpu(tmp_path):
+    """bench/engine_serve.py serves the same requests untraced and traced (eager on the CPU) and reports both."""
+    out = tmp_path / "serve.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "engine_serve.py"), "--preset", "tiny", "--device", "cpu",
+         "--no-graphs", "--requests", "3", "--batch", "2", "--prompt-len", "48", "--new-tokens", "4",
+         "--repeats", "2", "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"eager/off", "eager/blocks"}
+    assert modes["eager/off"]["wall_ratio_to_off"] == 1.0 and modes["eager/off"]["steps_captured"] == 0
+    traced = modes["eager/blocks"]
+    assert traced["steps_captured"] > 0 and traced["steps_dropped"] == 0
+    for e in modes.values():
+        assert len(e["rounds"]) == 2 and all(r["tokens"] == 3 * 4 for r in e["rounds"]) and e["tpot_ms"] > 0
