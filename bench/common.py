@@ -1,5 +1,6 @@
-"""Small pieces the benchmark scripts share: writing a result file, the size of an output folder, and a paged KV
-cache filled to a context length (decode cost does not depend on the cached values)."""
+"""Small pieces the benchmark scripts share: writing a result file, the size of an output folder, the reference
+model as the GPU benches run it, and a paged KV cache filled to a context length (decode cost does not depend on
+the cached values)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ def write_report(path: str | None, report: Any) -> None:
 def dir_bytes(path: str) -> int:
     """Bytes of all files below ``path``."""
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def bench_model(preset_name: str, device: str) -> tuple[Any, Any, Any]:
+    """(model args, model, dtype): the reference model of ``preset_name`` with seed 0, in bf16 on a GPU (as served)
+    and float32 on the CPU. (torch is imported here: the CPU-only scripts stay light.)"""
+    import torch
+
+    from dsa_otel.model.config import preset
+    from dsa_otel.model.dsa import build_model
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    args = preset(preset_name)
+    torch.manual_seed(0)
+    return args, build_model(args, device=device, dtype=dtype), dtype
 
 
 def filled_cache(args, B: int, T: int, steps: int, device: str, dtype) -> tuple[Any, list[int]]:

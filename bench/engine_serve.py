@@ -29,11 +29,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_report  # noqa: E402
+from common import bench_model, write_report  # noqa: E402
 
 from dsa_otel import DSATracer, TraceConfig  # noqa: E402
-from dsa_otel.model.config import preset  # noqa: E402
-from dsa_otel.model.dsa import build_model  # noqa: E402
 from dsa_otel.model.engine import Engine, Request  # noqa: E402
 
 
@@ -73,10 +71,7 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true", help="eager modes only (CPU)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    args = preset(a.preset)
-    torch.manual_seed(0)
-    model = build_model(args, device=a.device, dtype=dtype)
+    args, model, dtype = bench_model(a.preset, a.device)
     kinds = ["eager"] + ([] if a.no_graphs else ["graphs"])
     modes = [f"{k}/{t}" for k in kinds for t in ("off", a.detail)]
     blocks = a.batch * (-(-(a.prompt_len + a.new_tokens + 1) // args.kv_block_size)) + 4

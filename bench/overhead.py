@@ -33,12 +33,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import dir_bytes, filled_cache, write_report  # noqa: E402
+from common import bench_model, dir_bytes, filled_cache, write_report  # noqa: E402
 from pipeline_vs_seed import SeedTracer  # noqa: E402
 
 from dsa_otel import DSATracer, TraceConfig  # noqa: E402
-from dsa_otel.model.config import preset  # noqa: E402
-from dsa_otel.model.dsa import build_model  # noqa: E402
 from dsa_otel.model.graphs import DecodeGraph  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
@@ -237,10 +235,7 @@ def main() -> None:
                     help="TraceConfig.ring_slots of the traced modes (0: the default, 8 thread / 32 process)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    args = preset(a.preset)
-    torch.manual_seed(0)
-    model = build_model(args, device=a.device, dtype=dtype)
+    args, model, dtype = bench_model(a.preset, a.device)
     modes = ["off"] + [f"dsa-otel/{d}/{w}" for w in a.workers.split(",") for d in a.details.split(",")]
     if not a.no_seed:
         modes.append("seed")

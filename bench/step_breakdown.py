@@ -29,11 +29,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import filled_cache, write_report  # noqa: E402
+from common import bench_model, filled_cache, write_report  # noqa: E402
 
 from dsa_otel import DSATracer, TraceConfig  # noqa: E402
-from dsa_otel.model.config import preset  # noqa: E402
-from dsa_otel.model.dsa import build_model  # noqa: E402
 from dsa_otel.model.graphs import DecodeGraph  # noqa: E402
 
 FIELDS = ("step_ms", "host_graph_ms", "host_trace_ms", "host_wait_ms", "gpu_graph_ms", "gpu_trace_ms")
@@ -121,10 +119,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    args = preset(a.preset)
-    torch.manual_seed(0)
-    model = build_model(args, device=a.device, dtype=dtype)
+    args, model, dtype = bench_model(a.preset, a.device)
     report: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                     "preset": a.preset, "worker": a.worker, "steps": a.steps, "repeats": a.repeats, "configs": []}
     modes = ("off", "traced", "record-only")
