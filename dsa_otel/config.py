@@ -83,8 +83,11 @@ class TraceConfig:
             the requests of every n-th shard (shard = request id // max_requests_per_file), so every shard file
             has one writer; summary.json is merged from all of them at shutdown (if the traced process dies
             first, each writes ``summary.worker<i>.json``). A ``kv_fetch_model`` is copied into each worker and
-            sees only that worker's requests. One worker sustains 6-10 thousand records/s at ``blocks`` on an H100
-            host, four about twice that (docs/performance.md); add workers when steps drop and cores are free.
+            sees only that worker's requests. One worker sustains 9-19 thousand records/s at ``blocks`` on an H100
+            host, two about 25 thousand (docs/performance.md); add workers when steps drop and cores are free.
+        shm_dir: where worker processes' capture slots live (files mapped by both processes). Default
+            ``/dev/shm``; point it at a larger tmpfs when ``/dev/shm`` is small (docker's default is 64 MB, and a
+            slot of 61 layers x 32 requests x top-2048 is 16 MB).
         max_queue_size / max_export_batch_size / schedule_delay_ms / export_timeout_ms: span processor bounds.
         kv_bytes_per_token: bytes of KV cache one token occupies in one layer (DeepSeek-V3.2: 656 = 512 FP8
             latent + 16 scale bytes + 64 bf16 RoPE dims); used by the default HBM fetch-cost model.
@@ -114,6 +117,7 @@ class TraceConfig:
     trace_prefill: bool = False
     worker: WorkerKind = "thread"
     worker_processes: int = 1
+    shm_dir: str | None = None
     max_queue_size: int = 4096
     max_export_batch_size: int = 256
     schedule_delay_ms: int = 200
@@ -228,7 +232,7 @@ def _parse(f: dataclasses.Field, raw: str, var: str) -> Any:
             return float(text)
         except ValueError:
             raise ConfigError(f"{var}={raw!r}: expected a number") from None
-    return text if text != "" or f.name not in ("otlp_endpoint", "otlp_protocol") else None
+    return text if text != "" or f.name not in ("otlp_endpoint", "otlp_protocol", "shm_dir") else None
 
 
 def _from_seed_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -307,6 +311,8 @@ def _validate(c: TraceConfig) -> None:
          f"must be within [1, {MAX_WORKER_PROCESSES}]")
     need(c.worker_processes == 1 or c.worker == "process", "worker_processes",
          "more than one needs worker='process' (DSA_OTEL_WORKER=process)")
+    need(c.shm_dir is None or (os.path.isdir(c.shm_dir) and os.access(c.shm_dir, os.W_OK)), "shm_dir",
+         "must be an existing folder this process can write")
     need(c.max_queue_size >= 1, "max_queue_size", "must be >= 1")
     need(1 <= c.max_export_batch_size <= c.max_queue_size, "max_export_batch_size",
          "must be within [1, max_queue_size]")

@@ -82,8 +82,9 @@ def _reserve(fd: int, size: int, path: str, directory: str) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise OSError(exc.errno, f"cannot reserve a {size >> 20} MiB capture slot in {directory} "
-                          f"({exc.strerror}): the step is dropped. Give it room (docker: --shm-size) or lower "
-                          "TraceConfig.ring_slots", path) from None
+                          f"({exc.strerror}): the step is dropped. Give it room (docker: --shm-size), point "
+                          "TraceConfig.shm_dir (DSA_OTEL_SHM_DIR) at a larger tmpfs, or lower ring_slots",
+                          path) from None
     os.ftruncate(fd, size)
 
 
@@ -389,7 +390,7 @@ class ProcessMaterializer:
         self._staging: dict[tuple[torch.device, int, int], torch.Tensor] = {}
         self._late: _LateCopies | None = None
         tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-        directory = _shm_dir()
+        directory = config.shm_dir or _shm_dir()
         self._slots = [SharedSlot(directory, tag, i) for i in range(config.capture_slots)]
         self._free_slots: list[int] = list(range(config.capture_slots))
         self._in_flight: dict[int, tuple[int, Any]] = {}  # slot -> (its step's token, what to keep until done)

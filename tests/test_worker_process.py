@@ -164,6 +164,26 @@ def test_a_full_shared_memory_drops_the_step_with_a_clear_error_and_tracing_goes
     assert "cannot reserve" in err.out + err.err and "shm-size" in err.out + err.err
 
 
+def test_capture_slots_live_in_shm_dir(tmp_path):
+    """``shm_dir`` puts the slot files elsewhere than /dev/shm (a larger tmpfs): the steps go through them there."""
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    cfg = TraceConfig(out_dir=str(tmp_path / "out"), run_name="r", kv_block_size=16, worker="process",
+                      shm_dir=str(slots))
+    tracer = DSATracer(cfg)
+    for s in range(3):
+        tracer.record_topk(0, torch.arange(32).view(1, 32), torch.tensor([100 + s]), [7])
+        tracer.end_step()
+    assert [f for f in os.listdir(slots) if f.startswith("dsa-otel-")]  # the slots used so far are there
+    tracer.end_request(7)
+    tracer.shutdown(timeout_s=60)
+    assert tracer.tracing_stats()["steps_captured"] == 3
+    assert len(records(str(tmp_path / "out" / "r"))) == 3
+    assert TraceConfig.from_env({"DSA_OTEL_SHM_DIR": str(slots)}).shm_dir == str(slots)
+    with pytest.raises(ConfigError, match="shm_dir"):
+        TraceConfig(shm_dir=str(tmp_path / "missing"))
+
+
 def test_killed_worker_never_blocks_the_traced_program(tmp_path):
     cfg = TraceConfig(out_dir=str(tmp_path), run_name="r", kv_block_size=16, worker="process", ring_slots=4)
     tracer = DSATracer(cfg)
