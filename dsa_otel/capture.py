@@ -70,7 +70,8 @@ class SnapshotRing:
     """Reusable snapshot buffers, one per capture slot in flight (the capture ring).
 
     ``end_step`` concatenates a step's selections into a buffer from here (on the producer's stream for CUDA),
-    and the materializer gives it back once it has read it. Reuse avoids allocating (and page-faulting, on the
+    and the materializer gives it back once it has read it; a worker-process hand-over gives it back as soon as
+    the copy out of it is enqueued, with that copy's event. Reuse avoids allocating (and page-faulting, on the
     host) several MB per step; the number of buffers is bounded by the tracer's ring_slots."""
 
     def __init__(self) -> None:

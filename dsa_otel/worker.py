@@ -393,7 +393,7 @@ class ProcessMaterializer:
         directory = config.shm_dir or _shm_dir()
         self._slots = [SharedSlot(directory, tag, i) for i in range(config.capture_slots)]
         self._free_slots: list[int] = list(range(config.capture_slots))
-        self._in_flight: dict[int, tuple[int, Any]] = {}  # slot -> (its step's token, what to keep until done)
+        self._in_flight: dict[int, int] = {}  # slot -> the token of the step it holds, until the workers are done
         self._slot_lock = threading.Lock()
         self._token_src: dict[torch.device, torch.Tensor] = {}  # per device, one int64 per slot: its next token
         self._step_token = 0  # tokens start at 1: a fresh slot's header reads 0
@@ -530,17 +530,16 @@ class ProcessMaterializer:
         thread woken."""
         if not self._in_flight:
             return
-        back = []
+        back = 0
         live = [l.index for l in self._links if l.alive]
         with self._slot_lock:
-            for slot_id, (token, keep) in list(self._in_flight.items()):
+            for slot_id, token in list(self._in_flight.items()):
                 words = self._slots[slot_id].done_words()
                 if not self.alive or all(words[1 + w] == token for w in live):
                     del self._in_flight[slot_id]
                     self._free_slots.append(slot_id)
-                    back.append(keep)
-        for keep in back:
-            self.release_buffer(keep)
+                    back += 1
+        for _ in range(back):
             self.release_slot()
 
     def _worker_done(self, slot_id: int, token: int, worker: int) -> None:
@@ -551,12 +550,10 @@ class ProcessMaterializer:
     def _slot_done(self, slot_id: int, token: int) -> None:
         """Free a slot whose step never reached any worker."""
         with self._slot_lock:
-            got = self._in_flight.get(slot_id)
-            if got is None or got[0] != token:
+            if self._in_flight.get(slot_id) != token:
                 return
             del self._in_flight[slot_id]
             self._free_slots.append(slot_id)
-        self.release_buffer(got[1])
         self.release_slot()
 
     # ------------------------------------------------------------------ steps
@@ -579,14 +576,14 @@ class ProcessMaterializer:
         self._step_token += 1
         token = self._step_token
         try:
-            keep, regions = self._fill(cap, slot_id, token)
+            regions = self._fill(cap, slot_id, token)
         except BaseException:
             with self._slot_lock:
                 self._free_slots.append(slot_id)
             self._give_back(cap)
             raise
         with self._slot_lock:
-            self._in_flight[slot_id] = (token, keep)
+            self._in_flight[slot_id] = token
         if not self._send_all(("step", self._meta(cap, slot_id, token, regions))):
             self._failed_here += 1
             self._slot_done(slot_id, token)
@@ -595,9 +592,9 @@ class ProcessMaterializer:
             if any(owner_of(rid, self._width, self._n) in dead for g in cap.groups for rid in g.request_ids):
                 self._failed_here += 1
 
-    def _fill(self, cap: StepCapture, slot_id: int, token: int) -> tuple[Any, dict[Any, tuple]]:
-        """Start moving the step's arrays into the slot, the token into its header last. Returns what must stay
-        alive until the worker is done (the snapshot buffer the DMAs read) and where each array sits."""
+    def _fill(self, cap: StepCapture, slot_id: int, token: int) -> dict[Any, tuple]:
+        """Start moving the step's arrays into the slot, the token into its header last, and give the snapshot
+        buffer back (on a GPU with the event after the copies that read it). Returns where each array sits."""
         slot = self._slots[slot_id]
         idx = cap.indices
         on_gpu = idx.is_cuda
@@ -629,13 +626,13 @@ class ProcessMaterializer:
             # the snapshot buffer is free for reuse once the copies out of it have run (the next user's stream
             # waits for them on the GPU): device memory stays at a buffer or two however deep the ring is
             self.release_buffer(keep, reads_done)
-            return None, regions
+            return regions
         np.copyto(views[0], idx.numpy(), casting="unsafe")  # CPU: copy now (numpy releases the GIL)
         if cap.scores is not None:
             np.copyto(views[1], cap.scores.float().numpy())
         slot.header()[0] = token
         self.release_buffer(keep)  # the snapshot is in the slot now
-        return None, regions
+        return regions
 
     def _meta(self, cap: StepCapture, slot_id: int, token: int,
               regions: dict[Any, tuple[int, str, tuple[int, ...]]]) -> dict[str, Any]:

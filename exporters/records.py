@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import itertools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -109,8 +108,8 @@ def step_records(attrs: Mapping[str, Any], trace_id: int, payload: StepPayload |
     tiers = lay.tiers
     has_scores = lay.has_scores
 
-    def cuts(r: Ragged | None) -> list[int] | None:  # row boundaries; a handful of rows: Python beats numpy
-        return [0, *itertools.accumulate(r.lengths.tolist())] if r is not None else None
+    def cuts(r: Ragged | None) -> list[int] | None:
+        return r.offsets.tolist() if r is not None else None
 
     pos_off, blk_off, phys_off = cuts(p.positions), cuts(p.block_ids), cuts(p.physical_block_ids)
     pos_v = p.positions.values if p.positions is not None else None
